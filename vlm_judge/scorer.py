@@ -1,0 +1,288 @@
+"""The scorer: one Judge for text and image requests, absolute and relative grading.
+
+What it adds over calling a backend: batching with requests grouped by image (so an image is
+decoded and preprocessed once per batch), bounded retries of parse failures (counted and
+reported), position swap for relative grading (disagreement between the two orders is a tie),
+n samples per request with mean/majority aggregation, and seeds for reproducibility.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from vlm_judge import __version__
+from vlm_judge.backends import Backend, GenerationParams, get_backend
+from vlm_judge.images import resolve_image
+from vlm_judge.parse import parse_output
+from vlm_judge.prompts import JudgeTemplate, get_template, render, swapped
+from vlm_judge.records import JudgeRequest, Judgment, Rubric, Verdict
+
+JUDGE_CARD = "vlm_judge.json"
+"""File in a judge folder naming its backend, template and kind; written by `train`."""
+
+
+@dataclass
+class ScorerConfig:
+    """How the scorer runs. Bad combinations fail at construction."""
+
+    template: str = "default"
+    """A registered template name ('default', 'prefix') or a template file path."""
+    batch_size: int = 8
+    """Prompts per backend call."""
+    max_parse_retries: int = 2
+    """Extra generations for a request whose output did not parse (or errored)."""
+    retry_temperature: float = 0.7
+    """Sampling temperature for retries when decoding is greedy (a greedy retry would repeat itself)."""
+    n_samples: int = 1
+    """Generations per request; more than one needs temperature > 0."""
+    aggregate: Literal["mean", "majority"] = "mean"
+    """How n samples become one score: rounded mean, or the most frequent verdict."""
+    swap: bool = True
+    """Relative mode: judge both orders and call a disagreement a tie."""
+    params: GenerationParams = field(default_factory=GenerationParams)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.max_parse_retries < 0:
+            raise ValueError("max_parse_retries must be >= 0")
+        if self.n_samples < 1:
+            raise ValueError("n_samples must be >= 1")
+        if self.n_samples > 1 and self.params.temperature <= 0:
+            raise ValueError("n_samples > 1 needs params.temperature > 0 (greedy samples are identical)")
+        if self.aggregate not in ("mean", "majority"):
+            raise ValueError("aggregate must be 'mean' or 'majority'")
+
+
+@dataclass
+class _Job:
+    req_index: int
+    sample: int
+    swapped: bool
+    request: JudgeRequest
+    attempts: int = 0
+    text: str | None = None
+    feedback: str = ""
+    verdict: Verdict = None
+    status: str = "pending"
+    reason: str = ""
+
+
+def _as_rubric(r: Rubric | dict | str) -> Rubric:
+    if isinstance(r, Rubric):
+        return r
+    if isinstance(r, dict):
+        return Rubric.from_dict(r)
+    return Rubric.from_text(r)
+
+
+def _per_row(value: Any, n: int, name: str) -> list[Any]:
+    """Broadcast a single value to n rows, or check a list has n entries."""
+    if isinstance(value, (list, tuple)) and not (name == "images" and value and not isinstance(value[0], (list, tuple, type(None)))):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} rows")
+        return list(value)
+    return [value] * n
+
+
+def _images(value: Any) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(resolve_image(v) for v in value)
+    return (resolve_image(value),)
+
+
+class Judge:
+    """Grades responses with a backend. Batch-first: every method takes lists."""
+
+    def __init__(self, backend: Backend, config: ScorerConfig | None = None, name: str | None = None) -> None:
+        self.backend = backend
+        self.config = config or ScorerConfig()
+        self.name = name or getattr(backend, "name", "judge")
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        backend: str | None = None,
+        config: ScorerConfig | None = None,
+        **backend_kwargs: Any,
+    ) -> Judge:
+        """Load a judge: 'mock', a judge folder written by `vlm-judge train` (its card says how),
+        a transformers model folder or name ('hf'), or a model served by an OpenAI-compatible
+        server (backend='openai', base_url=...)."""
+        card: dict[str, Any] = {}
+        card_path = Path(name_or_path) / JUDGE_CARD
+        if card_path.is_file():
+            card = json.loads(card_path.read_text())
+        if backend is None:
+            if name_or_path == "mock":
+                backend = "mock"
+            elif backend_kwargs.get("base_url") or backend_kwargs.get("base_urls"):
+                backend = "openai"
+            else:
+                backend = card.get("backend", "hf")
+        config = config or ScorerConfig(template=card.get("template", "default"))
+        # every backend takes the model as `model`; the mock also records it as its name
+        be = get_backend(backend, model=name_or_path, **backend_kwargs)
+        return cls(be, config, name=name_or_path)
+
+    # ---- public grading API -------------------------------------------------------------
+
+    def absolute_grade(
+        self,
+        instructions: Sequence[str] | str,
+        responses: Sequence[str] | str,
+        rubric: Rubric | dict | str | Sequence[Rubric | dict | str],
+        reference_answers: Sequence[str | None] | str | None = None,
+        images: Any = None,
+        ids: Sequence[str] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Judgment]:
+        """Score each response 1..5 against the rubric. `images`: per row None, a path/bytes or a list."""
+        instructions, responses = _listify(instructions), _listify(responses)
+        n = len(instructions)
+        reqs = [
+            JudgeRequest(
+                instruction=i, response=r, rubric=_as_rubric(rb), reference_answer=ref,
+                images=_images(im), id=str(ids[k]) if ids else str(k), mode="absolute",
+            )
+            for k, (i, r, rb, ref, im) in enumerate(zip(
+                instructions, _per_row(responses, n, "responses"), _per_row(rubric, n, "rubric"),
+                _per_row(reference_answers, n, "reference_answers"), _per_row(images, n, "images"),
+            ))
+        ]
+        return self.grade(reqs, progress=progress)
+
+    def relative_grade(
+        self,
+        instructions: Sequence[str] | str,
+        responses_a: Sequence[str] | str,
+        responses_b: Sequence[str] | str,
+        rubric: Rubric | dict | str | Sequence[Rubric | dict | str],
+        reference_answers: Sequence[str | None] | str | None = None,
+        images: Any = None,
+        ids: Sequence[str] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Judgment]:
+        """Choose the better of two responses: 'A', 'B', or 'tie' when the two orders disagree."""
+        instructions = _listify(instructions)
+        n = len(instructions)
+        reqs = [
+            JudgeRequest(
+                instruction=i, response=a, response_b=b, rubric=_as_rubric(rb), reference_answer=ref,
+                images=_images(im), id=str(ids[k]) if ids else str(k), mode="relative",
+            )
+            for k, (i, a, b, rb, ref, im) in enumerate(zip(
+                instructions, _per_row(_listify(responses_a), n, "responses_a"),
+                _per_row(_listify(responses_b), n, "responses_b"), _per_row(rubric, n, "rubric"),
+                _per_row(reference_answers, n, "reference_answers"), _per_row(images, n, "images"),
+            ))
+        ]
+        return self.grade(reqs, progress=progress)
+
+    def grade(self, requests: Sequence[JudgeRequest], progress: Callable[[int], None] | None = None) -> list[Judgment]:
+        """Grade a mixed list of absolute and relative requests; one Judgment per request, in order."""
+        cfg = self.config
+        jobs = [
+            _Job(k, s, sw, swapped(req) if sw else req)
+            for k, req in enumerate(requests)
+            for s in range(cfg.n_samples)
+            for sw in ((False, True) if req.mode == "relative" and cfg.swap else (False,))
+        ]
+        pending = jobs
+        for attempt in range(cfg.max_parse_retries + 1):
+            if not pending:
+                break
+            self._run(pending, attempt)
+            pending = [j for j in pending if j.status != "ok"]
+        by_row: dict[int, list[_Job]] = {}
+        for j in jobs:
+            by_row.setdefault(j.req_index, []).append(j)
+        out = [self._aggregate(req, by_row[k]) for k, req in enumerate(requests)]
+        if progress:
+            progress(len(requests))
+        return out
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _template(self, mode: str) -> JudgeTemplate:
+        return get_template(self.config.template, mode)
+
+    def _run(self, jobs: list[_Job], attempt: int) -> None:
+        cfg = self.config
+        base = cfg.params
+        prompts = [render(j.request, self._template(j.request.mode)) for j in jobs]
+        # Group by image, then by prompt length: a batch then shares images (decoded once) and
+        # pads little. The order is undone when results are stored back on each job.
+        order = sorted(range(len(jobs)), key=lambda i: (jobs[i].request.image_key, len(prompts[i].user)))
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            # one params object per batch: the seed varies with the attempt and sample, so a retry
+            # is a new draw and sample s of a request is reproducible run to run
+            groups: dict[tuple[int, float], list[int]] = {}
+            for i in idx:
+                groups.setdefault((jobs[i].sample, attempt), []).append(i)
+            for (sample, _), members in groups.items():
+                temp = base.temperature if (base.temperature > 0 or attempt == 0) else cfg.retry_temperature
+                seed = None if base.seed is None else base.seed + 1000 * sample + attempt
+                params = replace(base, temperature=temp, seed=seed)
+                gens = self.backend.generate([prompts[i] for i in members], params)
+                if len(gens) != len(members):
+                    raise RuntimeError(f"backend returned {len(gens)} generations for {len(members)} prompts")
+                for i, g in zip(members, gens):
+                    job = jobs[i]
+                    job.attempts += 1
+                    job.text = g.text
+                    if g.error is not None or g.text is None:
+                        job.status, job.reason = "error", g.error or "backend returned no text"
+                        continue
+                    res = parse_output(g.text, job.request.mode)
+                    job.feedback = res.feedback
+                    if res.ok:
+                        v = res.verdict
+                        if job.swapped and v in ("A", "B"):
+                            v = "B" if v == "A" else "A"  # map back to the caller's A/B
+                        job.verdict, job.status, job.reason = v, "ok", ""
+                    else:
+                        job.verdict, job.status, job.reason = None, "parse_failure", res.reason
+
+    def _aggregate(self, req: JudgeRequest, jobs: list[_Job]) -> Judgment:
+        cfg = self.config
+        first = jobs[0]
+        common = dict(
+            id=req.id, mode=req.mode, raw_output=first.text or "", feedback=first.feedback,
+            attempts=sum(j.attempts for j in jobs), judge=self.name, template=self._template(req.mode).name,
+            version=__version__,
+        )
+        failed = [j for j in jobs if j.status != "ok"]
+        if failed:
+            # any unreadable sample/order makes the row unreadable: a partial verdict would be a guess
+            status = "error" if any(j.status == "error" for j in failed) else "parse_failure"
+            why = "; ".join(sorted({(("swapped order: " if j.swapped else "") + j.reason) for j in failed}))
+            return Judgment(score=None, status=status, reason=why, samples=[j.verdict for j in jobs], **common)
+        if req.mode == "relative":
+            per_sample = []
+            for s in range(cfg.n_samples):
+                vs = [j.verdict for j in jobs if j.sample == s]
+                per_sample.append(vs[0] if len(set(vs)) == 1 else "tie")
+            verdict = Counter(per_sample).most_common(1)[0][0]
+            return Judgment(score=verdict, samples=[j.verdict for j in jobs], **common)
+        scores = [int(j.verdict) for j in jobs]  # type: ignore[arg-type]
+        mean = sum(scores) / len(scores)
+        if cfg.aggregate == "majority":
+            top = Counter(scores).most_common()
+            best = [s for s, c in top if c == top[0][1]]
+            score = min(best, key=lambda s: abs(s - mean))  # break ties toward the mean
+        else:
+            score = int(mean + 0.5)
+        return Judgment(score=score, samples=scores, mean_score=mean if len(scores) > 1 else None, **common)
+
+
+def _listify(x: Sequence[str] | str) -> list[str]:
+    return [x] if isinstance(x, str) else list(x)

@@ -128,13 +128,14 @@ def test_concurrent_requests_are_micro_batched(server):
     h = server(Slow("mock"), max_batch=4, batch_wait=0.05)
     results: list[int] = []
     threads = [threading.Thread(target=lambda i=i: results.append(
-        post(h.base_url + "/chat/completions", chat(f"row {i}"))[0])) for i in range(10)]
+        post(h.base_url + "/chat/completions", chat(f"row {i}", seed=i))[0])) for i in range(10)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert results == [200] * 10
     sizes = h.stats.batch_sizes
+    # greedy requests batch together even with different seeds (the seed does not matter then)
     assert sum(sizes) == 10 and max(sizes) == 4 and len(sizes) <= 5, sizes
 
 
@@ -197,12 +198,14 @@ def test_serving_the_tiny_llava_over_http(server, tiny_llava_dir, sample_images)
     from vlm_judge.backends.openai import OpenAIBackend
     from vlm_judge.records import ImageRef
 
-    h = server(hf, model_name="tiny")
+    # all three requests in one server batch, like the direct call (padding is then the same)
+    h = server(hf, model_name="tiny", max_batch=3, batch_wait=0.5)
     prompts = [Prompt(user=f"Grade answer {i}.", images=(ImageRef(path=str(sample_images[n])),))
                for i, n in enumerate(["astronaut", "chelsea", "astronaut"])]
     params = GenerationParams(max_new_tokens=8)
     direct = [g.text for g in hf.generate(prompts, params)]
-    remote = OpenAIBackend("tiny", base_url=h.base_url).generate(prompts, params)
+    remote = OpenAIBackend("tiny", base_url=h.base_url, concurrency=3).generate(prompts, params)
     assert [g.error for g in remote] == [None] * 3
+    assert h.stats.batch_sizes == [3]
     assert [g.text for g in remote] == direct
     assert all(g.prompt_tokens > 16 for g in remote)  # the 16 image tokens were counted

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Union
@@ -249,11 +249,14 @@ class MicroBatcher:
                     self._q.put(None)  # stop after this batch
                     break
                 batch.append(item)
-            # one generate call per distinct sampling setting (they are per call, not per prompt)
+            # one generate call per distinct sampling setting (they are per call, not per prompt);
+            # greedy decoding ignores the seed, so clients sending different seeds still batch
             groups: dict[GenerationParams, list[_Item]] = {}
             for it in batch:
-                groups.setdefault(it.params, []).append(it)
-            for params, items in groups.items():
+                key = it.params if it.params.temperature > 0 else replace(it.params, seed=None)
+                groups.setdefault(key, []).append(it)
+            for items in groups.values():
+                params = items[0].params
                 with self.stats.lock:
                     self.stats.batch_sizes.append(len(items))
                 try:

@@ -1,0 +1,181 @@
+"""The answer-grounded teacher: graded responses and feedback written from a VQA item's known answer.
+
+For a dataset with gold answers (and known facts about each image) no teacher model is needed:
+per question we write one rubric on answer correctness, five responses of graded quality and the
+feedback for each, citing the gold answer.
+
+Every response has the same shape: an answer to the question, then a justification that states
+two further facts about the image (for 'what colour is the shape?': its size and its shape). The
+score counts what is right:
+
+    score = 1 + 2 * [answer right] + [first stated fact right] + [second stated fact right]
+
+so 5 is a correct, fully justified answer and 1 a wrong answer whose justification is wrong in every
+detail. The answer and the stated facts are about *different* facts of the image, each wrong value
+is drawn uniformly from the other values, and the phrasing is drawn independently of the score:
+the text alone carries no information about the score (the response is equally fluent at every
+level). Only a judge that looks at the image, or is told what it shows, can grade these
+responses - which is what the demo's learning proof measures.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vlm_judge.prompts import format_target
+from vlm_judge.records import Rubric
+
+RUBRIC = Rubric(
+    criteria="Does the response answer the question about the image correctly, and are the details it gives "
+    "as justification true of the image?",
+    score_descriptions=(
+        "The answer is wrong and every detail given as justification contradicts the image.",
+        "The answer is wrong and only one detail of the justification matches the image.",
+        "Either the answer is right but no detail of the justification matches the image, or the answer "
+        "is wrong although the justification describes the image correctly.",
+        "The answer is right, but one detail of the justification contradicts the image.",
+        "The answer is right and every detail of the justification matches the image.",
+    ),
+)
+
+# Combinations of (answer right, first fact right, second fact right) for each score.
+_COMBOS: dict[int, list[tuple[bool, bool, bool]]] = {
+    5: [(True, True, True)],
+    4: [(True, True, False), (True, False, True)],
+    3: [(True, False, False), (False, True, True)],
+    2: [(False, True, False), (False, False, True)],
+    1: [(False, False, False)],
+}
+
+# Phrasings per asked fact; {ans} is the answer, {a}/{b} the two stated facts in the order of
+# _JUSTIFIES. Chosen at random, independently of the score.
+_JUSTIFIES: dict[str, tuple[str, str]] = {"color": ("size", "shape"), "shape": ("size", "color"), "size": ("color", "shape")}
+_PHRASES: dict[str, tuple[str, ...]] = {
+    "color": ("It is {ans}. The shape is a {a} {b}.", "{Ans}: I can see a {a} {b} in the image.",
+              "The {a} {b} in the picture is {ans}."),
+    "shape": ("It is a {ans}. The shape is {a} and {b}.", "{Ans}: I can see a {a} {b} shape in the image.",
+              "The {a} {b} shape in the picture is a {ans}."),
+    "size": ("It is {ans}. The shape is a {a} {b}.", "{Ans}: I can see a {a} {b} in the image.",
+             "The {a} {b} in the picture is {ans}."),
+}
+
+
+@dataclass(frozen=True)
+class GradedResponse:
+    """One response with its gold score and the feedback that explains the score."""
+
+    score: int
+    response: str
+    feedback: str
+    """Feedback citing the gold answer (without the verdict sentence)."""
+    claims: dict[str, str]
+    """What the response states: {'answer': ..., fact: value, ...}."""
+
+    @property
+    def target(self) -> str:
+        """The training target: feedback then the verdict, in the form the parser reads."""
+        return format_target(self.feedback, self.score)
+
+
+def _other(value: str, values: Sequence[str], rng: random.Random) -> str:
+    choices = [v for v in values if v != value]
+    if not choices:
+        raise ValueError(f"no wrong value available for {value!r}")
+    return rng.choice(choices)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def describe(facts: Mapping[str, str]) -> str:
+    """'a small blue circle' from the facts."""
+    words = " ".join(facts[k] for k in ("size", "color", "shape") if k in facts)
+    return f"{_article(words)} {words}"
+
+
+def feedback_for(
+    question_asks: str, gold: str, facts: Mapping[str, str], claims: Mapping[str, str], stated: Sequence[str]
+) -> str:
+    """Feedback: what the image shows, the gold answer, then each claim of the response checked."""
+    def verdict(ok: bool) -> str:
+        return "right" if ok else "wrong"
+
+    checked = [f"{claims['answer']} ({verdict(claims['answer'] == gold)})"]
+    checked += [f"{claims[k]} ({verdict(claims[k] == facts[k])})" for k in stated]
+    return f"The image shows {describe(facts)}; the correct answer is {gold}. The response says " + ", ".join(checked) + "."
+
+
+def graded_responses(
+    asks: str,
+    gold: str,
+    facts: Mapping[str, str],
+    values: Mapping[str, Sequence[str]],
+    rng: random.Random,
+) -> list[GradedResponse]:
+    """Five responses (scores 1..5) to one question whose gold answer is `gold`.
+
+    asks: which fact the question asks about ('color', 'shape' or 'size'); gold must equal facts[asks].
+    values: every possible value of each fact (the wrong answers and wrong details are drawn from them).
+    """
+    if asks not in _JUSTIFIES:
+        raise ValueError(f"the answer-grounded teacher grades questions about {sorted(_JUSTIFIES)}, not {asks!r}")
+    if facts.get(asks) != gold:
+        raise ValueError(f"gold answer {gold!r} does not match the image's {asks} {facts.get(asks)!r}")
+    stated = _JUSTIFIES[asks]
+    missing = [k for k in stated if k not in facts]
+    if missing:
+        raise ValueError(f"the image has no known {', '.join(missing)} to justify an answer with")
+    out = []
+    for score in (5, 4, 3, 2, 1):
+        ans_ok, a_ok, b_ok = rng.choice(_COMBOS[score])
+        claims = {
+            "answer": gold if ans_ok else _other(gold, values[asks], rng),
+            stated[0]: facts[stated[0]] if a_ok else _other(facts[stated[0]], values[stated[0]], rng),
+            stated[1]: facts[stated[1]] if b_ok else _other(facts[stated[1]], values[stated[1]], rng),
+        }
+        phrase = rng.choice(_PHRASES[asks])
+        text = phrase.format(ans=claims["answer"], Ans=claims["answer"].capitalize(),
+                             a=claims[stated[0]], b=claims[stated[1]])
+        text = text.replace(" a a", " an a").replace(" a e", " an e")  # 'an' before a vowel-initial word
+        out.append(GradedResponse(score, text, feedback_for(asks, gold, facts, claims, stated), claims))
+    return out
+
+
+def reference_answer(asks: str, gold: str, facts: Mapping[str, str]) -> str:
+    """An answer that earns a 5 (the published schema's reference answer)."""
+    a, b = _JUSTIFIES[asks]
+    return f"It is {gold}; the image shows {describe(facts)}."
+
+
+def perception_rows(
+    image: Any,
+    question: str,
+    asks: str,
+    gold: str,
+    facts: Mapping[str, str],
+    values: Mapping[str, Sequence[str]],
+    rng: random.Random,
+    rubric: Rubric = RUBRIC,
+) -> list[dict[str, Any]]:
+    """The five graded responses to one question as rows in the published Perception Collection schema."""
+    ref = reference_answer(asks, gold, facts)
+    rows = []
+    for g in graded_responses(asks, gold, facts, values, rng):
+        row: dict[str, Any] = {
+            "image": image,
+            "instruction": question,
+            "output": g.target,
+            "orig_instruction": question,
+            "orig_response": g.response,
+            "orig_reference_answer": ref,
+            "orig_criteria": rubric.criteria,
+            "orig_feedback": g.feedback,
+            "orig_score": str(g.score),
+        }
+        row.update({f"orig_score{i}_description": d for i, d in enumerate(rubric.score_descriptions, 1)})
+        rows.append(row)
+    return rows

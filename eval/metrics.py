@@ -47,18 +47,9 @@ def _check(x: Sequence[Any], y: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
 
 def rankdata(x: Sequence[float]) -> np.ndarray:
     """Average ranks (1-based); tied values share the mean of the ranks they span."""
-    a = _arr(x)
-    order = np.argsort(a, kind="mergesort")
-    ranks = np.empty(len(a), dtype=float)
-    sorted_a = a[order]
-    i = 0
-    while i < len(a):
-        j = i
-        while j + 1 < len(a) and sorted_a[j + 1] == sorted_a[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
+    _, inverse, counts = np.unique(_arr(x), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts).astype(float)
+    return ((ends - counts + 1 + ends) / 2.0)[inverse]
 
 
 # ---------------------------------------------------------------- correlations

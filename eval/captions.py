@@ -1,0 +1,69 @@
+"""Captions for text judges: the benchmark's own, or written by a named captioning model.
+
+A text judge sees the same item as a vision judge with the image replaced by its caption, so a
+comparison of the two isolates what seeing the image is worth. The caption source is fixed per
+run and written into the report.
+
+`caption_bridge(requests, captions)` is text_judge's when that module provides it; otherwise the
+minimal local version below (caption placed before the instruction, images removed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from vlm_judge.backends import Backend, GenerationParams, Prompt
+from vlm_judge.records import JudgeRequest
+
+CAPTION_PROMPT = (
+    "Describe this image in detail: the objects, people and animals in it, any text, counts, colours "
+    "and where things are. Write plain sentences."
+)
+
+
+def _local_bridge(requests: Sequence[JudgeRequest], captions: Sequence[str]) -> list[JudgeRequest]:
+    out = []
+    for req, cap in zip(requests, captions):
+        out.append(replace(req, images=(), instruction=f"Image description: {cap.strip()}\n\n{req.instruction}"))
+    return out
+
+
+def caption_bridge(requests: Sequence[JudgeRequest], captions: Sequence[str]) -> list[JudgeRequest]:
+    """Text-only versions of `requests`, each carrying its caption instead of its images."""
+    if len(requests) != len(captions):
+        raise ValueError(f"{len(requests)} requests but {len(captions)} captions")
+    try:  # prefer the text judge's own bridge so both paths render captions the same way
+        from text_judge import caption_bridge as tj_bridge  # type: ignore[attr-defined]
+    except ImportError:
+        return _local_bridge(requests, captions)
+    return list(tj_bridge(list(requests), list(captions)))
+
+
+def bridge_source() -> str:
+    """Which bridge is in use (reported)."""
+    try:
+        from text_judge import caption_bridge  # noqa: F401  # type: ignore[attr-defined]
+    except ImportError:
+        return "eval.captions (local)"
+    return "text_judge.caption_bridge"
+
+
+def caption_with_model(
+    backend: Backend, requests: Sequence[JudgeRequest], max_new_tokens: int = 160
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Caption each distinct image set once with `backend`: ({image_key: caption}, {image_key: error})."""
+    keys: dict[str, JudgeRequest] = {}
+    for r in requests:
+        if r.images and r.image_key not in keys:
+            keys[r.image_key] = r
+    order = list(keys)
+    prompts = [Prompt(user=CAPTION_PROMPT, images=keys[k].images) for k in order]
+    gens = backend.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens)) if prompts else []
+    caps, errs = {}, {}
+    for k, g in zip(order, gens):
+        if g.error is None and g.text and g.text.strip():
+            caps[k] = g.text.strip()
+        else:
+            errs[k] = g.error or "empty caption"
+    return caps, errs

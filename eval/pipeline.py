@@ -1,0 +1,168 @@
+"""The eval run: load a benchmark, grade it with each judge (vision judges see the image, text
+judges a caption), compute metrics, paired tests and probes, and hand the result to the report.
+
+`EvalConfig` is the resolved configuration (saved as config.json in the report folder);
+`run_eval` is a short linear function over the modules that do the work.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from eval.agreement import _clean, judge_metrics
+from eval.benchmarks import load_benchmark
+from eval.captions import bridge_source, caption_with_model
+from eval.compare import paired_tests, text_requests
+from eval.expected import expected_scores, supports_probs
+from eval.probes import PROBES, run_probe
+from eval.report import slug
+from eval.run import JudgeSpec, error_judgment, judge_cached, parse_judge
+from vlm_judge import __version__
+from vlm_judge.backends import get_backend
+from vlm_judge.records import Rubric
+from vlm_judge.scorer import Judge
+
+
+@dataclass
+class EvalConfig:
+    """Everything one `vlm-judge eval` run depends on. Bad combinations fail here."""
+
+    bench: str
+    judges: list[str]
+    """Judge names or folders, optionally prefixed 'text:' or 'vision:' and suffixed '@backend'."""
+    out: str = "eval_report"
+    backend: str | None = None
+    """Backend for every judge (default: from each judge's card, 'mock' for 'mock', else 'hf')."""
+    format: str | None = None
+    column_map: str | None = None
+    rubric: str | None = None
+    """A rubric file (the 'Score N:' text form or JSON) for benchmarks without their own."""
+    image_root: str | None = None
+    image_rewrites: dict[str, str] = field(default_factory=dict)
+    gold_scale: tuple[float, float] = (1.0, 5.0)
+    limit: int | None = None
+    probes: list[str] = field(default_factory=list)
+    caption_model: str | None = None
+    """Caption images with this model for text judges (else the benchmark's captions)."""
+    caption_backend: str = "hf"
+    self_models: dict[str, list[str]] = field(default_factory=dict)
+    """judge label or name -> model names whose responses that judge wrote (self-preference probe)."""
+    expected_score: bool = False
+    batch_size: int = 8
+    max_parse_retries: int = 1
+    n_boot: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.judges:
+            raise ValueError("give at least one --judge")
+        bad = [p for p in self.probes if p not in PROBES]
+        if bad:
+            raise ValueError(f"unknown probe(s) {bad}; choose from {list(PROBES)}")
+        labels = [parse_judge(j).label for j in self.judges]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise ValueError(f"judge named twice: {sorted(dup)}")
+        if self.n_boot < 100:
+            raise ValueError("n_boot must be at least 100 for a usable interval")
+
+
+def _rubric(path: str | None) -> Rubric | None:
+    if not path:
+        return None
+    import json
+
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        return Rubric.from_dict(json.loads(text))
+    return Rubric.from_text(text)
+
+
+def _load_judge(spec: JudgeSpec, cfg: EvalConfig) -> Judge:
+    judge = Judge.load(spec.name, backend=spec.backend or cfg.backend)
+    judge.config = replace(judge.config, batch_size=cfg.batch_size, max_parse_retries=cfg.max_parse_retries)
+    return judge
+
+
+def _log(msg: str) -> None:
+    print(f"[eval] {msg}", file=sys.stderr, flush=True)
+
+
+def run_eval(cfg: EvalConfig, judges: dict[str, Judge] | None = None) -> dict[str, Any]:
+    """Run the evaluation. `judges` ({spec string: Judge}) supplies ready-made judges (Python API)."""
+    bench = load_benchmark(
+        cfg.bench, format=cfg.format, column_map=cfg.column_map, rubric=_rubric(cfg.rubric),
+        image_root=cfg.image_root, image_rewrites=cfg.image_rewrites or None, gold_scale=cfg.gold_scale,
+        limit=cfg.limit,
+    )
+    _log(f"{bench.name}: {len(bench.items)} items, {len(bench.skipped)} rows left out ({bench.format})")
+    if not bench.items:
+        raise ValueError(f"no usable items in {cfg.bench}; reasons: {[s['reason'] for s in bench.skipped[:5]]}")
+    items = bench.items
+    out = Path(cfg.out)
+    specs = [parse_judge(j) for j in cfg.judges]
+
+    caption_source, model_caps, cap_errors = "benchmark", None, {}
+    if any(s.kind == "text" for s in specs) and bench.has_images and cfg.caption_model:
+        _log(f"captioning images with {cfg.caption_model}")
+        cap_backend = get_backend(cfg.caption_backend, model=cfg.caption_model)
+        model_caps, cap_errors = caption_with_model(cap_backend, [it.request for it in items])
+        caption_source = f"model {cfg.caption_model} ({cfg.caption_backend})"
+    caption_missing: dict[str, str] = {}
+
+    results: dict[str, list] = {}
+    requests_by: dict[str, list] = {}
+    judge_objs: dict[str, Judge] = {}
+    expected: dict[str, list] = {}
+    notes: list[str] = []
+    for spec, raw in zip(specs, cfg.judges):
+        judge = (judges or {}).get(raw) or _load_judge(spec, cfg)
+        judge_objs[spec.label] = judge
+        if spec.kind == "text":
+            reqs, missing = text_requests(items, model_caps)
+            for k, v in missing.items():
+                key = items[[it.id for it in items].index(k)].request.image_key
+                caption_missing[k] = f"{v}: {cap_errors[key]}" if key in cap_errors else v
+        else:
+            reqs = [it.request for it in items]
+        ok = [k for k, r in enumerate(reqs) if r is not None]
+        _log(f"judging {len(ok)} items with {spec.label}")
+        got = judge_cached(judge, [reqs[k] for k in ok], out / "cache" / slug(spec.label) / "judgments.jsonl")
+        js = [error_judgment(it.request, judge.name, caption_missing.get(it.id, "not judged")) for it in items]
+        for k, j in zip(ok, got):
+            js[k] = j
+        results[spec.label] = js
+        requests_by[spec.label] = reqs
+        if cfg.expected_score:
+            if supports_probs(judge):
+                exp = [None] * len(items)
+                for k, e in zip(ok, expected_scores(judge, [reqs[k] for k in ok], [js[k] for k in ok])):
+                    exp[k] = e
+                expected[spec.label] = exp
+            else:
+                notes.append(f"{spec.label}: backend has no next_token_probs; no expected score")
+
+    metrics = {label: judge_metrics(items, js, expected.get(label), n_boot=cfg.n_boot, seed=cfg.seed)
+               for label, js in results.items()}
+    paired = paired_tests(items, results, n_boot=cfg.n_boot, seed=cfg.seed) if len(results) > 1 else []
+
+    probes: dict[str, list[dict[str, Any]]] = {}
+    for spec in specs:
+        label, judge, reqs = spec.label, judge_objs[spec.label], requests_by[spec.label]
+        ok = [k for k, r in enumerate(reqs) if r is not None]
+        names = [spec.name, Path(spec.name).name, *cfg.self_models.get(label, []), *cfg.self_models.get(spec.name, [])]
+        probes[label] = []
+        for p in cfg.probes:
+            _log(f"probe {p} on {label}")
+            r = run_probe(p, judge, [items[k] for k in ok], [reqs[k] for k in ok], [results[label][k] for k in ok],
+                          cache_dir=out / "cache" / slug(label), self_names=names, judge_kind=spec.kind)
+            probes[label].append(_clean(r.to_dict()))
+    return {
+        "benchmark": bench, "items": items, "judgments": results, "metrics": metrics, "paired": paired,
+        "probes": probes if cfg.probes else {}, "expected": expected, "caption_source": caption_source,
+        "caption_missing": caption_missing, "bridge": bridge_source(), "notes": notes,
+        "config": asdict(cfg), "version": __version__,
+    }

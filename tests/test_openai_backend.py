@@ -164,9 +164,9 @@ def test_429_retry_after_is_honoured(served):
 def test_timeout_is_reported_per_prompt(served):
     h = served(faults=lambda n, body: Fault(status=None, delay=5) if "slow" in json.dumps(body) else None)
     t0 = time.monotonic()
-    gens = client(h.base_url, timeout=0.3, max_retries=1).generate([Prompt(user="slow one"), Prompt(user="quick")], P)
+    gens = client(h.base_url, timeout=0.5, max_retries=1).generate([Prompt(user="slow one"), Prompt(user="quick")], P)
     assert time.monotonic() - t0 < 4
-    assert gens[0].text is None and gens[0].error.startswith("timeout (0.3s) after 1 retry")
+    assert gens[0].text is None and gens[0].error.startswith("timeout (0.5s) after 1 retry")
     assert gens[1].error is None and gens[1].text
 
 

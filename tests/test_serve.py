@@ -186,14 +186,16 @@ def test_cli_serves_a_judge_until_stopped():
     assert f"127.0.0.1:{port}/v1" in out
 
 
-def test_serving_the_tiny_llava_over_http(server, tiny_llava_dir, sample_images):
+def test_serving_the_tiny_llava_over_http(server, request, sample_images):
     """A real transformers judge behind the server: same greedy text over HTTP as called directly."""
     try:
-        from vlm_judge.backends import get_backend
-
-        hf = get_backend("hf", model=str(tiny_llava_dir))
+        import vlm_judge.backends.hf  # noqa: F401
     except ImportError as e:
-        pytest.skip(f"the hf backend is not importable yet: {e}")
+        pytest.skip(f"the hf backend (vlm_judge/backends/hf.py) is not importable: {e}")
+    from vlm_judge.backends import get_backend
+
+    tiny_llava_dir = request.getfixturevalue("tiny_llava_dir")  # built only when the test can run
+    hf = get_backend("hf", model=str(tiny_llava_dir))
     from vlm_judge.backends.base import Prompt
     from vlm_judge.backends.openai import OpenAIBackend
     from vlm_judge.records import ImageRef

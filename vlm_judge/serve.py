@@ -416,6 +416,8 @@ class ServerHandle:
     def stop(self) -> None:
         """Stop accepting, cut open keep-alive connections, and finish the batcher."""
         srv = self._server
+        if srv.stopping.is_set():
+            return
         srv.stopping.set()
         srv.shutdown()
         with srv.conns_lock:

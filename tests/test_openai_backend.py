@@ -187,6 +187,13 @@ def test_malformed_replies_are_retried_or_reported(served):
     assert bad.text is None and "malformed response" in bad.error
 
 
+def test_dropped_connection_is_retried(served):
+    h = served(faults={1: Fault(drop=True), 2: Fault(drop=True)})
+    [g] = client(h.base_url).generate([Prompt(user="hi")], P)
+    assert g.error is None and g.extra["attempts"] == 3
+    assert h.stats.statuses == [0, 0, 200]
+
+
 def test_unreachable_server_is_an_error_not_an_exception():
     [g] = client(dead_url(), max_retries=1).generate([Prompt(user="hi")], P)
     assert g.text is None and g.error.startswith("connection error after 1 retry")

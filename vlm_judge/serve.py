@@ -46,7 +46,8 @@ class Fault:
     """What the server does instead of (or before) answering one request, for tests.
 
     `status=None` with a `delay` answers normally after sleeping (a slow server, or one that
-    sleeps past the client's timeout); `body` replaces the JSON error body (malformed replies).
+    sleeps past the client's timeout); `body` replaces the JSON error body (malformed replies);
+    `drop` closes the connection without any reply (a crashed worker or an impatient proxy).
     """
 
     status: int | None = 500
@@ -54,6 +55,7 @@ class Fault:
     delay: float = 0.0
     body: bytes | None = None
     message: str = "injected fault"
+    drop: bool = False
 
 
 FaultSpec = Union[Callable[[int, dict], Union[Fault, None]], Mapping[int, Fault], None]
@@ -72,7 +74,7 @@ class ServerStats:
     batch_sizes: list[int] = field(default_factory=list)
     """Prompts per backend.generate call."""
     statuses: list[int] = field(default_factory=list)
-    """HTTP status of every chat reply, in the order they were sent."""
+    """HTTP status of every chat reply, in the order they were sent (0: dropped, no reply)."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -383,6 +385,13 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None:
             if fault.delay:
                 srv.stopping.wait(fault.delay)
+            if fault.drop:
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return 0
             if fault.status is not None:
                 headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
                 if fault.body is not None:

@@ -161,6 +161,13 @@ def test_429_retry_after_is_honoured(served):
     assert elapsed >= 0.6, f"retried after {elapsed:.2f}s, before the server's Retry-After of 0.6s"
 
 
+def test_retry_after_beyond_the_limit_fails_the_row(served):
+    h = served(faults={1: Fault(503, retry_after=3600, message="maintenance")})
+    [g] = client(h.base_url, max_retry_after=10).generate([Prompt(user="hi")], P)
+    assert g.text is None and "retry after 3600s" in g.error and "maintenance" in g.error
+    assert h.stats.requests == 1
+
+
 def test_timeout_is_reported_per_prompt(served):
     h = served(faults=lambda n, body: Fault(status=None, delay=5) if "slow" in json.dumps(body) else None)
     t0 = time.monotonic()

@@ -147,6 +147,7 @@ class OpenAIBackend:
         max_retries: int = 4,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
+        max_retry_after: float = 300.0,
         allow_image_urls: bool = False,
         prefix_mode: Literal["continue", "message", "refuse"] = "continue",
         extra_body: dict[str, Any] | None = None,
@@ -170,6 +171,7 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.max_retry_after = max_retry_after
         self.allow_image_urls = allow_image_urls
         self.prefix_mode = prefix_mode
         self.extra_body = dict(extra_body or {})
@@ -335,6 +337,10 @@ class OpenAIBackend:
                 last = e
                 if attempt == self.max_retries:
                     break
+                if e.retry_after is not None and e.retry_after > self.max_retry_after:
+                    # waiting an hour per prompt is worse than failing the row with the reason
+                    return RuntimeError(f"{e.kind}: server asked to retry after {e.retry_after:g}s, over "
+                                        f"max_retry_after={self.max_retry_after:g}s: {e.detail}"), attempt + 1, ep_url
                 time.sleep(self._delay(attempt, e))
                 continue
             self._release(ep, ok=True, endpoint_fault=False)

@@ -160,7 +160,7 @@ def params_from_body(body: dict) -> GenerationParams:
     a judge should be reproducible unless asked otherwise."""
     if body.get("stream"):
         raise BadRequest("streaming is not supported by this server")
-    if int(body.get("n") or 1) != 1:
+    if body.get("n") not in (None, 1):
         raise BadRequest("n must be 1")
     stop = body.get("stop") or ()
     try:
@@ -358,6 +358,8 @@ class _Handler(BaseHTTPRequestHandler):
         status = 500
         try:
             status = self._chat(n)
+        except Exception as e:  # a bug here must still answer the client, not hang it
+            self._error(500, f"server error: {type(e).__name__}: {e}", "server_error")
         finally:
             with srv.stats.lock:
                 srv.stats.in_flight -= 1

@@ -74,7 +74,9 @@ def grouped_bars(
         v = np.array([a if a is not None else np.nan for a, _, _ in vals], float)
         lo = np.array([a - b if a is not None and b is not None else 0 for a, b, _ in vals], float)
         hi = np.array([c - a if a is not None and c is not None else 0 for a, _, c in vals], float)
-        ax.bar(x + (k - (len(series) - 1) / 2) * width, np.nan_to_num(v), width, yerr=[lo, hi], capsize=3,
+        # a percentile bootstrap interval need not contain the point estimate: clip the bar's whiskers
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, np.nan_to_num(v), width,
+               yerr=[np.clip(np.nan_to_num(lo), 0, None), np.clip(np.nan_to_num(hi), 0, None)], capsize=3,
                label=name)
     ax.set_xticks(x, list(groups), rotation=20, ha="right")
     ax.axhline(0, color="black", lw=0.6)

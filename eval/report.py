@@ -275,7 +275,8 @@ def write_report(res: dict[str, Any], out: str | Path) -> Path:
         for label, js in res["judgments"].items():
             exp = (res.get("expected") or {}).get(label)
             for k, (it, j) in enumerate(zip(res["items"], js)):
-                row = {"judge": label, "item": it.id, "category": it.category, "gold": it.gold, **j.to_dict()}
+                row = {**j.to_dict(), "judge": label, "judge_model": j.judge, "item": it.id,
+                       "category": it.category, "gold": it.gold}
                 if exp is not None:
                     row["expected_score"] = exp[k]
                 f.write(json.dumps(_clean(row), default=str) + "\n")

@@ -1,0 +1,146 @@
+"""The full `vlm-judge eval` run: benchmark with real images -> report folder, resume, failures shown."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from eval.cli import main
+from tests.test_eval_probes import ImageAwareBackend
+from vlm_judge.backends import Generation, GenerationParams, Prompt, register_backend
+from vlm_judge.cli import main as vlm_main
+
+
+class CountingImageAware(ImageAwareBackend):
+    """The image-aware test judge, counting generations across instances (to check resume)."""
+
+    total = 0
+
+    def generate(self, prompts, params):
+        CountingImageAware.total += len(prompts)
+        return super().generate(prompts, params)
+
+
+class MuteBackend:
+    """A judge that never writes a verdict."""
+
+    def __init__(self, model: str = "mute", **_: object) -> None:
+        self.name = model
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
+        return [Generation("I would rather not say.") for _ in prompts]
+
+
+register_backend("eval-test-aware", "tests.test_eval_cli:CountingImageAware")
+register_backend("eval-test-mute", "tests.test_eval_cli:MuteBackend")
+
+
+def _card(d: Path, backend: str, kind: str = "vision") -> str:
+    d.mkdir()
+    (d / "vlm_judge.json").write_text(json.dumps({"backend": backend, "kind": kind}))
+    return str(d)
+
+
+@pytest.fixture
+def bench(tmp_path, sample_images) -> Path:
+    names = sorted(sample_images)
+    rows = []
+    for k in range(12):
+        n = names[k % 4]
+        rows.append({"id": f"a{k}", "instruction": f"Describe the picture ({k}).", "image": str(sample_images[n]),
+                     "instruction_conditioned_caption": f"A picture of {n}.", "instruction_category": n,
+                     "response": f"It shows {n} ({k}).", "human_ratings": [1 + k % 5, 1 + (k + 1) % 5], "model": "m1"})
+    for k in range(6):
+        n = names[k % 4]
+        rows.append({"id": f"p{k}", "instruction": "Which answer is better?", "image": str(sample_images[n]),
+                     "instruction_conditioned_caption": f"A picture of {n}.", "instruction_category": n,
+                     "A": f"It is {n}.", "B": "It is a horse.", "human_preference": "A" if k < 5 else "tie"})
+    rows.append({"id": "bad1", "instruction": "x", "image": "nope.png", "response": "y", "human_ratings": [3]})
+    rows.append({"id": "bad2", "instruction": "x", "image": str(sample_images[names[0]]), "response": "y"})
+    p = tmp_path / "visit.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_eval_writes_full_report_and_resumes(tmp_path, bench, capsys):
+    aware = _card(tmp_path / "aware_judge", "eval-test-aware")
+    out = tmp_path / "report"
+    args = [str(bench), "--judge", "mock", "--judge", aware, "--judge", "text:mock", "--probes", "all",
+            "--n-boot", "200", "--out", str(out)]
+    CountingImageAware.total = 0
+    assert vlm_main(["eval", *args]) == 0  # through the real `vlm-judge` dispatcher
+    first_calls = CountingImageAware.total
+    assert first_calls > 0
+
+    for f in ("report.md", "report.html", "metrics.json", "judgments.jsonl", "config.json"):
+        assert (out / f).stat().st_size > 0
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert len(pngs) >= 8
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.width > 100
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["benchmark"]["items"] == 18 and m["benchmark"]["rows"] == 20
+    reasons = {s["id"]: s["reason"] for s in m["benchmark"]["skipped"]}
+    assert "image file not found" in reasons["bad1"] and "missing gold" in reasons["bad2"]
+    labels = list(m["judges"])
+    assert labels == ["vision:mock", f"vision:{aware}", "text:mock"]
+    for lab in labels:
+        a = m["judges"][lab]["overall"]["absolute"]
+        assert a["n"] == 12 and a["n_scored"] == 12 and -1 <= a["spearman"]["value"] <= 1
+        assert m["judges"][lab]["overall"]["relative"]["n"] == 6
+        assert set(m["judges"][lab]["by_category"]) == {"astronaut", "chelsea", "coffee", "rocket"}
+    ground = {lab: next(p for p in m["probes"][lab] if p["probe"] == "grounding") for lab in labels}
+    assert ground["vision:mock"]["flagged"] is True
+    assert ground[f"vision:{aware}"]["flagged"] is False
+    assert ground["text:mock"]["applicable"] == 0
+    pairs = {(p["judge_a"], p["judge_b"], p["mode"], p["category"]) for p in m["paired_tests"]}
+    assert ("vision:mock", "text:mock", "absolute", "all") in pairs
+
+    rows = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 18 and {r["judge"] for r in rows} == set(labels)
+    md = (out / "report.md").read_text()
+    assert "IMAGE-BLIND" in md and "bad1" in md and "Paired test" in md and "(plots/probes.png)" in md
+    assert "<table>" in (out / "report.html").read_text()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["judges"][1] == aware and cfg["n_boot"] == 200
+
+    # a re-run resumes from the cache: no new generations, identical metrics
+    CountingImageAware.total = 0
+    assert main(args) == 0
+    assert CountingImageAware.total == 0
+    assert json.loads((out / "metrics.json").read_text())["judges"] == m["judges"]
+    assert "report:" in capsys.readouterr().out
+
+
+def test_judge_that_never_parses_is_shown_not_scored(tmp_path, bench):
+    mute = _card(tmp_path / "mute_judge", "eval-test-mute")
+    out = tmp_path / "r"
+    assert main([str(bench), "--judge", mute, "--judge", "mock", "--n-boot", "100", "--out", str(out),
+                 "--max-parse-retries", "0"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    j = m["judges"][f"vision:{mute}"]
+    assert j["scored"] == 0 and j["parse_failure_rate"] == 1.0 and j["parse_failures"] == 18
+    assert "no score found" in json.dumps(j["failure_reasons"])
+    a = j["overall"]["absolute"]
+    assert a["n_scored"] == 0 and "spearman" not in a  # no metric from default scores
+    paired = [p for p in m["paired_tests"] if p["mode"] == "absolute" and p["category"] == "all"][0]
+    assert paired["n"] == 0 and paired["delta"] is None
+    md = (out / "report.md").read_text()
+    assert "100.0%" in md
+    rows = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert all(r["score"] is None and r["status"] == "parse_failure" for r in rows if r["judge"] == f"vision:{mute}")
+
+
+def test_cli_errors_are_clear(tmp_path, bench, capsys):
+    assert main([str(tmp_path / "missing.jsonl"), "--judge", "mock", "--out", str(tmp_path / "o")]) == 2
+    assert "benchmark file not found" in capsys.readouterr().err
+    assert main([str(bench), "--judge", "mock", "--probes", "order,vibes", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown probe" in capsys.readouterr().err
+    assert main([str(bench), "--judge", "mock", "--judge", "mock", "--out", str(tmp_path / "o")]) == 2
+    assert "judge named twice" in capsys.readouterr().err

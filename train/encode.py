@@ -1,0 +1,144 @@
+"""Examples -> token ids and labels, with the loss on the target only.
+
+The prompt is rendered by `vlm_judge.prompts.render` and laid out with the model's chat template
+exactly as a judge is prompted at scoring time (`chat_messages`, then the generation prompt).
+The whole conversation (prompt + target) is tokenized once, so the target's tokens are the ones
+the model would produce after the generation prompt; the prompt's tokens (image tokens included),
+and later the padding, get label -100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from train.data import Example, RowError
+from vlm_judge.backends.base import Prompt
+from vlm_judge.images import load_image
+from vlm_judge.prompts import render
+
+IGNORE = -100
+
+
+def chat_messages(prompt: Prompt, vision: bool, use_system: bool = True) -> list[dict[str, Any]]:
+    """The chat turns for a rendered prompt: optional system turn, then the user turn with the
+    images first (LLaVA places `<image>` before the text)."""
+    msgs: list[dict[str, Any]] = []
+    if use_system and prompt.system:
+        msgs.append({"role": "system", "content": [{"type": "text", "text": prompt.system}] if vision else prompt.system})
+    if vision:
+        content = [{"type": "image"} for _ in prompt.images] + [{"type": "text", "text": prompt.user}]
+        msgs.append({"role": "user", "content": content})
+    else:
+        msgs.append({"role": "user", "content": prompt.user})
+    return msgs
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    extra: dict[str, Any]
+    """Processor outputs besides the ids (pixel_values, image_sizes, ...), as tensors."""
+
+
+class Encoder:
+    """Encodes examples for one model (vision: a processor; text: a tokenizer)."""
+
+    def __init__(self, processor: Any, kind: str, template: str = "default", use_system: bool = True,
+                 max_length: int = 2048, image_token_id: int | None = None) -> None:
+        self.processor = processor
+        self.kind = kind
+        self.template = template
+        self.use_system = use_system
+        self.max_length = max_length
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_token_id = image_token_id
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    # -- text layout --------------------------------------------------------------------------
+
+    def _chat(self, msgs: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        owner = self.processor if self.kind == "vision" else self.tokenizer
+        return owner.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        """The prompt as the judge sees it at scoring time (chat template + generation prompt)."""
+        return self._chat(chat_messages(prompt, self.kind == "vision", self.use_system), True)
+
+    def _add_special(self, text: str) -> bool:
+        # a chat template that writes BOS itself must not get a second one from the tokenizer
+        bos = self.tokenizer.bos_token
+        return not (bos and text.startswith(bos))
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def encode(self, ex: Example) -> Encoded:
+        """Ids and labels for one example; RowError for over-length rows or unreadable images."""
+        prompt = render(ex.request, self.template)
+        vision = self.kind == "vision"
+        msgs = chat_messages(prompt, vision, self.use_system)
+        prompt_text = self._chat(msgs, True)
+        answer = [{"type": "text", "text": ex.target}] if vision else ex.target
+        full_text = self._chat(msgs + [{"role": "assistant", "content": answer}], False)
+        if not full_text.startswith(prompt_text):
+            # templates whose assistant turn does not extend the generation prompt: append by hand
+            full_text = prompt_text + ex.target + (self.tokenizer.eos_token or "")
+        add_special = self._add_special(full_text)
+        # how many tokens the target takes: tokenize the unexpanded text once with offsets
+        enc = self.tokenizer(full_text, add_special_tokens=add_special, return_offsets_mapping=True)
+        n_prompt = sum(1 for (s, e) in enc["offset_mapping"] if e <= len(prompt_text) and not (s == e and s > 0))
+        n_target = len(enc["input_ids"]) - n_prompt
+        if n_target <= 0:
+            raise RowError("empty target: no target tokens after the prompt")
+        extra: dict[str, Any] = {}
+        if vision and prompt.images:
+            try:
+                images = [load_image(im) for im in prompt.images]
+            except Exception as e:  # noqa: BLE001 - any decode failure is a bad row
+                raise RowError(f"unreadable image: {e}") from e
+            out = self.processor(text=full_text, images=images, return_tensors="pt", add_special_tokens=add_special)
+            ids = out["input_ids"][0].tolist()
+            extra = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        else:
+            ids = list(enc["input_ids"])
+        if len(ids) > self.max_length:
+            raise RowError(f"over-length: {len(ids)} tokens > max_length {self.max_length}")
+        labels = [IGNORE] * (len(ids) - n_target) + ids[-n_target:]
+        if self.image_token_id is not None:
+            labels = [IGNORE if t == self.image_token_id else lab for t, lab in zip(ids, labels)]
+        return Encoded(ids, labels, extra)
+
+    def encode_prompts(self, prompts: Sequence[Prompt]) -> dict[str, Any]:
+        """A left-padded generation batch for rendered prompts (used by in-training evaluation)."""
+        texts = [self.prompt_text(p) for p in prompts]
+        add_special = self._add_special(texts[0]) if texts else True
+        self.tokenizer.padding_side = "left"
+        if self.kind == "vision" and any(p.images for p in prompts):
+            images = [load_image(im) for p in prompts for im in p.images]
+            return dict(self.processor(text=texts, images=images, return_tensors="pt", padding=True,
+                                       add_special_tokens=add_special))
+        return dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special))
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
+    """Right-pad ids (pad_id), attention mask (0) and labels (-100); concatenate image tensors."""
+    import torch
+
+    n = max(len(b.input_ids) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b.input_ids)
+        ids[i, :k] = torch.tensor(b.input_ids)
+        labels[i, :k] = torch.tensor(b.labels)
+        mask[i, :k] = 1
+    out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    keys = {k for b in batch for k in b.extra}
+    for k in keys:
+        parts = [b.extra[k] for b in batch if k in b.extra]
+        out[k] = torch.cat(parts, dim=0)
+    return out

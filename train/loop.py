@@ -1,0 +1,270 @@
+"""The training loop: a short, linear `train(cfg)` on accelerate.
+
+Runs the same on one CPU, one GPU, or N GPUs / nodes under `accelerate launch` (DDP, FSDP,
+DeepSpeed ZeRO-2/3 via the configs in train/recipes/accelerate/). One optimizer step per
+`grad_accum` micro-batches; the step count, the optimizer, the scheduler, the RNG and the
+position in the data are checkpointed, so a resumed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from train.config import TrainConfig
+from train.data import Example, LoadReport, RowContext, RowError, augment, load_examples, split_heldout
+from train.encode import Encoder, collate
+from train.evaluate import evaluate
+from train.judge_folder import save_judge
+from train.model import load_base, prepare_for_training, resolve_base
+
+log = logging.getLogger("vlm_judge.train")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the judge folder, the last step, and what was logged."""
+
+    output_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)
+    """Mean loss of each optimizer step, in order (this process's view)."""
+    evals: list[dict[str, float]] = field(default_factory=list)
+    tokens: int = 0
+    """Non-padding tokens processed by this process."""
+    seconds: float = 0.0
+    report: LoadReport | None = None
+
+
+class _EncodedDataset:
+    """Examples encoded on access (images decoded lazily, so memory stays flat on big datasets)."""
+
+    def __init__(self, examples: list[Example], encoder: Encoder) -> None:
+        self.examples, self.encoder = examples, encoder
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.encoder.encode(self.examples[i])
+
+
+def _validate(examples: list[Example], encoder: Encoder, cfg: TrainConfig, report: LoadReport) -> list[Example]:
+    """Drop examples that cannot be encoded (over-length prompts, undecodable images), counted."""
+    kept = []
+    for ex in examples:
+        try:
+            encoder.encode(ex)
+        except RowError as e:
+            if cfg.on_bad_row == "fail":
+                raise RowError(f"{ex.source}: {e}") from e
+            report.skip(ex.source, str(e))
+            continue
+        kept.append(ex)
+    return kept
+
+
+def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    cks = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return cks[-1] if cks else None
+
+
+def setup_logging() -> None:
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s train %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a judge as the recipe says and write the judge folder to cfg.output_dir."""
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import DistributedType, set_seed
+
+    setup_logging()
+    out = Path(cfg.output_dir)
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    trackers = []
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+
+            trackers = ["tensorboard"]
+        except ImportError:
+            pass
+    acc = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
+        log_with=trackers or None, project_dir=str(out / "runs"),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(cfg.seed)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    info = log.info if acc.is_main_process else log.debug
+
+    # ---- model ------------------------------------------------------------------------------
+    base = resolve_base(cfg.base_model, out / "_tiny_base")
+    model, proc = load_base(base, cfg.kind, dtype=torch.bfloat16 if bf16 else torch.float32,
+                            chat_template=cfg.chat_template)
+    encoder = Encoder(proc, cfg.kind, cfg.template, cfg.use_system_prompt, cfg.max_length,
+                      image_token_id=getattr(model.config, "image_token_id", None))
+
+    # ---- data -------------------------------------------------------------------------------
+    ctx = RowContext(mode=cfg.mode, image_root=cfg.image_root, image_rewrites=cfg.image_rewrites,
+                     allowed_image_dirs=cfg.allowed_image_dirs, kind=cfg.kind)
+    examples, report = load_examples(cfg.train_data, ctx, cfg.on_bad_row, cfg.max_rows)
+    heldout: list[Example] = []
+    if cfg.eval_data:
+        heldout, _ = load_examples(cfg.eval_data, ctx, cfg.on_bad_row, report=LoadReport())
+    elif cfg.eval_fraction:
+        examples, heldout = split_heldout(examples, cfg.eval_fraction, cfg.seed)
+    heldout = heldout[: cfg.eval_max_rows]
+    examples = augment(examples, cfg.swap_augment, cfg.reference_dropout, cfg.seed)
+    examples = _validate(examples, encoder, cfg, report)
+    report.examples = len(examples)
+    info("data: %s", report.summary())
+    for line in report.first_errors[:5]:
+        info("  skipped %s", line)
+    if not examples:
+        raise RowError(f"no usable training examples ({report.summary()})")
+
+    model = prepare_for_training(model, cfg)
+    pad_id = encoder.tokenizer.pad_token_id
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dl = torch.utils.data.DataLoader(
+        _EncodedDataset(examples, encoder), batch_size=cfg.per_device_batch_size, shuffle=True,
+        collate_fn=lambda b: collate(b, pad_id), generator=gen,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, opt, dl = acc.prepare(model, opt, dl)
+    micro_per_epoch = len(dl)
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    # not prepared: accelerate would step a prepared scheduler once per process
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
+    acc.register_for_checkpointing(sched)
+
+    # ---- resume -----------------------------------------------------------------------------
+    step, micro_done = 0, 0
+    if cfg.resume:
+        ck = _latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
+        if ck is None or not ck.is_dir():
+            raise FileNotFoundError(f"resume={cfg.resume!r}: no checkpoint found under {out / 'checkpoints'}")
+        acc.load_state(str(ck))
+        state = json.loads((ck / "trainer_state.json").read_text())
+        step, micro_done = state["step"], state["micro_batches"]
+        info("resumed from %s at step %d", ck, step)
+
+    if trackers:
+        acc.init_trackers("vlm_judge_train", config={k: str(v) for k, v in cfg.to_dict().items()})
+    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    res = TrainResult(out, step, report=report)
+    info("training %d steps (%d examples, %d micro-batches/epoch, grad_accum %d, %d process(es), %s)",
+         total, len(examples), micro_per_epoch, cfg.grad_accum, acc.num_processes, "bf16" if bf16 else "fp32")
+
+    def run_eval() -> None:
+        if not heldout:
+            return
+        if sharded:
+            info("in-training eval skipped under FSDP/DeepSpeed (score the saved judge instead)")
+            return
+        if acc.is_main_process:
+            metrics = evaluate(acc.unwrap_model(model), encoder, heldout, cfg.eval_batch_size, cfg.eval_max_new_tokens)
+            res.evals.append({"step": float(step), **metrics})
+            info("step %d eval %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if trackers:
+                acc.log(metrics, step=step)
+        acc.wait_for_everyone()
+
+    model.train()
+    t0 = time.perf_counter()
+    window: list[float] = []
+    float_dtype = torch.bfloat16 if bf16 else torch.float32
+    while step < total:
+        epoch = micro_done // micro_per_epoch
+        dl.set_epoch(epoch)
+        skip = micro_done % micro_per_epoch
+        batches = acc.skip_first_batches(dl, skip) if skip else dl
+        for batch in batches:
+            batch = {k: (v.to(float_dtype) if torch.is_floating_point(v) else v) for k, v in batch.items()}
+            with acc.accumulate(model):
+                loss = model(**batch).loss
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            micro_done += 1
+            res.tokens += int(batch["attention_mask"].sum())
+            window.append(float(loss.detach()))
+            if not acc.sync_gradients:
+                continue
+            sched.step()
+            step += 1
+            res.losses.append(sum(window) / len(window))
+            window = []
+            if step % cfg.log_every == 0 or step == total:
+                info("step %d/%d loss %.4f lr %.2e", step, total, res.losses[-1], sched.get_last_lr()[0])
+                if trackers:
+                    acc.log({"train/loss": res.losses[-1], "train/lr": sched.get_last_lr()[0]}, step=step)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                run_eval()
+            if cfg.save_every and step % cfg.save_every == 0:
+                _checkpoint(acc, out, step, micro_done, cfg.keep_checkpoints)
+            if step >= total:
+                break
+    res.seconds = time.perf_counter() - t0
+    res.step = step
+    if not cfg.eval_every or step % cfg.eval_every:
+        run_eval()
+
+    # ---- the judge folder -------------------------------------------------------------------
+    acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(model)
+    state_dict = acc.get_state_dict(model) if sharded else None
+    if acc.is_main_process:
+        save_judge(unwrapped, proc, out, cfg, base_model=str(Path(base).resolve()) if Path(base).exists() else base,
+                   merge_adapter=cfg.merge_adapter_on_save, state_dict=state_dict, steps=step)
+        (out / "train_log.json").write_text(json.dumps(
+            {"steps": step, "losses": res.losses, "evals": res.evals, "data": report.summary(),
+             "skipped": dict(report.skipped)}, indent=1))
+        info("judge written to %s (%s)", out, report.summary())
+    if trackers:
+        acc.end_training()
+    return res
+
+
+def _checkpoint(acc: Any, out: Path, step: int, micro_done: int, keep: int) -> None:
+    ck = out / "checkpoints" / f"step-{step}"
+    acc.save_state(str(ck))
+    if acc.is_main_process:
+        (ck / "trainer_state.json").write_text(json.dumps({"step": step, "micro_batches": micro_done}))
+        cks = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in cks[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    log.info("checkpoint %s", ck)

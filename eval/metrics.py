@@ -109,6 +109,14 @@ CORRELATIONS: dict[str, Stat] = {"pearson": pearson, "spearman": spearman, "kend
 # ---------------------------------------------------------------- bootstrap
 
 
+def _column(c: Sequence[Any]) -> np.ndarray:
+    """A numeric column as floats (fast resampling), anything else (A/B/tie) as objects."""
+    try:
+        return np.asarray(c, dtype=float)
+    except (TypeError, ValueError):
+        return np.asarray(list(c), dtype=object)
+
+
 def bootstrap_ci(
     stat: Stat,
     *columns: Sequence[Any],
@@ -125,11 +133,11 @@ def bootstrap_ci(
     if n < 2:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    cols = [np.asarray(c, dtype=object) for c in columns]
+    cols = [_column(c) for c in columns]
     vals = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
-        v = stat(*[list(c[idx]) for c in cols])
+        v = stat(*[c[idx] for c in cols])
         if not (isinstance(v, float) and math.isnan(v)):
             vals.append(v)
     if len(vals) < n_boot / 2:
@@ -166,12 +174,12 @@ def paired_bootstrap(
         return out
     out["delta"] = stat(g, a) - stat(g, b)
     rng = np.random.default_rng(seed)
-    ga, aa, ba = (np.asarray(c, dtype=object) for c in (g, a, b))
+    ga, aa, ba = (_column(c) for c in (g, a, b))
     deltas = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
-        gi = list(ga[idx])
-        d = stat(gi, list(aa[idx])) - stat(gi, list(ba[idx]))
+        gi = ga[idx]
+        d = stat(gi, aa[idx]) - stat(gi, ba[idx])
         if not math.isnan(d):
             deltas.append(d)
     if len(deltas) < n_boot / 2:
@@ -195,7 +203,7 @@ def exact_agreement(gold: Sequence[float], pred: Sequence[float]) -> float:
     g, p = _check(gold, pred)
     if len(g) == 0:
         return float("nan")
-    return float(np.mean([round_half_up(a) == round_half_up(b) for a, b in zip(g, p)]))
+    return float(np.mean(np.floor(g + 0.5) == np.floor(p + 0.5)))
 
 
 def within_one(gold: Sequence[float], pred: Sequence[float]) -> float:

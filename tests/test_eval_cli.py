@@ -84,7 +84,7 @@ def test_eval_writes_full_report_and_resumes(tmp_path, bench, capsys):
         with Image.open(p) as im:
             assert im.format == "PNG" and im.width > 100
 
-    m = json.loads((out / "metrics.json").read_text())
+    m = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert m["benchmark"]["items"] == 18 and m["benchmark"]["rows"] == 20
     reasons = {s["id"]: s["reason"] for s in m["benchmark"]["skipped"]}
     assert "image file not found" in reasons["bad1"] and "missing gold" in reasons["bad2"]

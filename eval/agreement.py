@@ -43,6 +43,19 @@ def _absolute(items: list[BenchItem], js: list[Judgment], expected: list[Any] | 
     pred = [j.score for j in js]
     g, p = M.drop_missing(gold, pred)
     out: dict[str, Any] = {"n": len(items), "n_scored": len(g), "parse_failure_rate": M.parse_failure_rate(pred)}
+    # the expected score is read from probabilities, so it exists even where the text did not parse
+    if expected is not None:
+        ev = [e["expected"] if e else None for e in expected]
+        ge, pe = M.drop_missing(gold, ev)
+        if len(ge) >= 2:
+            out["expected_score"] = {
+                "n": len(ge),
+                "forced": sum(1 for e in expected if e and e["forced"]),
+                # little mass on '1'..'5' means the model was not about to write a score at all
+                "mean_mass": sum(e["mass"] for e in expected if e) / len(ge),
+                "spearman": M.with_ci(M.spearman, ge, pe, n_boot=n_boot, seed=seed),
+                "pearson": M.with_ci(M.pearson, ge, pe, n_boot=n_boot, seed=seed),
+            }
     if len(g) == 0:
         return out
     for name, fn in M.CORRELATIONS.items():
@@ -59,16 +72,6 @@ def _absolute(items: list[BenchItem], js: list[Judgment], expected: list[Any] | 
     multi = [it.human_scores for it in items if len(it.human_scores) > 1]
     if multi:
         out["alpha_interval_humans_only"] = M.krippendorff_alpha(multi, "interval")
-    if expected is not None:
-        ev = [e["expected"] if e else None for e in expected]
-        ge, pe = M.drop_missing(gold, ev)
-        if len(ge) >= 2:
-            out["expected_score"] = {
-                "n": len(ge),
-                "forced": sum(1 for e in expected if e and e["forced"]),
-                "spearman": M.with_ci(M.spearman, ge, pe, n_boot=n_boot, seed=seed),
-                "pearson": M.with_ci(M.pearson, ge, pe, n_boot=n_boot, seed=seed),
-            }
     return out
 
 

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the expected score from the judge's probabilities over 1..5 (backends with next_token_probs)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-parse-retries", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, help="generation budget per judgment (default: the scorer's)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for intervals and paired tests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="eval_report", help="report folder (re-runs resume from its cache)")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             image_rewrites=dict(_pairs(args.image_rewrite, "--image-rewrite")), gold_scale=(lo, hi),
             limit=args.limit, probes=probes, caption_model=args.caption_model, caption_backend=args.caption_backend,
             self_models=self_models, expected_score=args.expected_score, batch_size=args.batch_size,
-            max_parse_retries=args.max_parse_retries, n_boot=args.n_boot, seed=args.seed,
+            max_parse_retries=args.max_parse_retries, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, seed=args.seed,
         )
         res = run_eval(cfg)
     except (ValueError, FileNotFoundError, ImportError) as e:

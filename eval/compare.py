@@ -50,11 +50,13 @@ def text_requests(
 
 
 def _primary(metrics: dict[str, Any], mode: str) -> dict[str, Any] | None:
-    block = metrics.get(mode) or {}
-    v = block.get(PRIMARY[mode])
-    if not isinstance(v, dict):
+    """The mode's primary metric with its CI, n and unreadable rate; None if the mode is absent."""
+    block = metrics.get(mode)
+    if not block:
         return None
-    return {**v, "parse_failure_rate": block.get("parse_failure_rate"), "n_items": block.get("n")}
+    v = block.get(PRIMARY[mode])
+    return {**(v if isinstance(v, dict) else {}), "parse_failure_rate": block.get("parse_failure_rate"),
+            "n_items": block.get("n")}
 
 
 def side_by_side(metrics_by_judge: dict[str, dict[str, Any]], mode: str) -> list[dict[str, Any]]:
@@ -69,8 +71,8 @@ def side_by_side(metrics_by_judge: dict[str, dict[str, Any]], mode: str) -> list
         for label, m in metrics_by_judge.items():
             block = m.get("overall", {}) if cat == "all" else (m.get("by_category") or {}).get(cat, {})
             p = _primary(block, mode)
-            if p is not None or (block.get(mode) and cat != "all"):
-                rows.append({"category": cat, "judge": label, "metric": PRIMARY[mode], **(p or {})})
+            if p is not None:
+                rows.append({"category": cat, "judge": label, "metric": PRIMARY[mode], **p})
     return rows
 
 

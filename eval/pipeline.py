@@ -53,6 +53,8 @@ class EvalConfig:
     expected_score: bool = False
     batch_size: int = 8
     max_parse_retries: int = 1
+    max_new_tokens: int | None = None
+    """Generation budget per judgment (default: the scorer's)."""
     n_boot: int = 1000
     seed: int = 0
 
@@ -83,7 +85,11 @@ def _rubric(path: str | None) -> Rubric | None:
 
 def _load_judge(spec: JudgeSpec, cfg: EvalConfig) -> Judge:
     judge = Judge.load(spec.name, backend=spec.backend or cfg.backend)
-    judge.config = replace(judge.config, batch_size=cfg.batch_size, max_parse_retries=cfg.max_parse_retries)
+    params = judge.config.params
+    if cfg.max_new_tokens:
+        params = replace(params, max_new_tokens=cfg.max_new_tokens)
+    judge.config = replace(judge.config, batch_size=cfg.batch_size, max_parse_retries=cfg.max_parse_retries,
+                           params=params)
     return judge
 
 

@@ -127,13 +127,17 @@ def build_blocks(res: dict[str, Any], made: dict[str, list[tuple[str, str]]]) ->
             B.append(("p", f"Krippendorff's alpha among the human raters alone: {_f(hum[0])} (a ceiling for judges)."))
         exp_rows = [[label, m["overall"]["absolute"]["expected_score"]["n"],
                      m["overall"]["absolute"]["expected_score"]["forced"],
+                     _f(m["overall"]["absolute"]["expected_score"].get("mean_mass")),
                      _ci(m["overall"]["absolute"]["expected_score"]["spearman"]),
                      _ci(m["overall"]["absolute"]["expected_score"]["pearson"])]
                     for label, m in res["metrics"].items()
                     if (m["overall"].get("absolute") or {}).get("expected_score")]
         if exp_rows:
             B.append(("h", 3, "Expected score from the judge's probabilities over 1..5"))
-            B.append(("table", ["judge", "items", "marker forced", "Spearman", "Pearson"], exp_rows))
+            B.append(("table", ["judge", "items", "marker forced", "mean mass on 1..5", "Spearman", "Pearson"], exp_rows))
+            B.append(("p", "The expected score is the mean of 1..5 under the judge's own next-token probabilities at "
+                           "the verdict position ('marker forced': the output had no [RESULT] marker and one was "
+                           "appended). A low mass on 1..5 means the judge was not about to write a score."))
         for path, alt in made["absolute"]:
             B.append(("img", path, alt))
 

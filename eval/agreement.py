@@ -69,6 +69,7 @@ def _absolute(items: list[BenchItem], js: list[Judgment], expected: list[Any] | 
     # alone give the ceiling a judge can be expected to reach on this benchmark
     units = [[*(it.human_scores or [float(it.gold)]), j.score] for it, j in zip(items, js)]
     out["alpha_interval_with_humans"] = M.krippendorff_alpha(units, "interval")
+    out["alpha_ordinal_with_humans"] = M.krippendorff_alpha(units, "ordinal")
     multi = [it.human_scores for it in items if len(it.human_scores) > 1]
     if multi:
         out["alpha_interval_humans_only"] = M.krippendorff_alpha(multi, "interval")

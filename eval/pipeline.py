@@ -129,8 +129,9 @@ def run_eval(cfg: EvalConfig, judges: dict[str, Judge] | None = None) -> dict[st
         judge_objs[spec.label] = judge
         if spec.kind == "text":
             reqs, missing = text_requests(items, model_caps)
+            by_id = {it.id: it for it in items}
             for k, v in missing.items():
-                key = items[[it.id for it in items].index(k)].request.image_key
+                key = by_id[k].request.image_key
                 caption_missing[k] = f"{v}: {cap_errors[key]}" if key in cap_errors else v
         else:
             reqs = [it.request for it in items]

@@ -142,3 +142,23 @@ def test_vision_vs_text_on_image_dependent_items(tmp_path, sample_images):
     assert res["probes"]["text:captioned"][0]["applicable"] == 0
     assert res["caption_source"] == "benchmark"
     json.dumps(res["metrics"], allow_nan=False)  # valid JSON: no NaN leaks
+
+
+def test_captions_from_a_named_model_and_rubric_file(tmp_path, sample_images):
+    """--caption-model: the text judge gets the captioning model's words and the report names it."""
+    from eval.cli import main
+
+    path = write_bench(tmp_path, sample_images, rows=4)
+    rubric = tmp_path / "rubric.txt"
+    rubric.write_text("[Is the colour right?]\n" + "\n".join(f"Score {i}: level {i}" for i in range(1, 6)))
+    out = tmp_path / "o"
+    assert main([str(path), "--judge", "text:mock", "--caption-model", "capmodel", "--caption-backend", "mock",
+                 "--rubric", str(rubric), "--n-boot", "100", "--out", str(out), "--format", "visit"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["caption_source"] == "model capmodel (mock)"
+    assert m["judges"]["text:mock"]["scored"] == 4
+    md = (out / "report.md").read_text()
+    assert "caption source: **model capmodel (mock)**" in md
+    res = run_eval(EvalConfig(bench=str(path), judges=["text:mock"], rubric=str(rubric), out=str(out), n_boot=100,
+                              format="visit", caption_model="capmodel", caption_backend="mock"))
+    assert res["items"][0].request.rubric.criteria == "Is the colour right?"

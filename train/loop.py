@@ -42,6 +42,9 @@ class TrainResult:
     """Non-padding tokens processed by this process."""
     seconds: float = 0.0
     report: LoadReport | None = None
+    model: Any = field(default=None, repr=False)
+    """The trained model (unwrapped, on this process), for in-process use right after training."""
+    processor: Any = field(default=None, repr=False)
 
 
 class _EncodedDataset:
@@ -255,6 +258,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         info("judge written to %s (%s)", out, report.summary())
     if trackers:
         acc.end_training()
+    res.model, res.processor = unwrapped, proc
     return res
 
 

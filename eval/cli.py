@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a judge name or folder; repeat for several. 'text:' gives it captions instead of images; "
                         "'@hf' / '@openai' / '@mock' picks its backend")
     p.add_argument("--backend", help="backend for judges without '@BACKEND' (hf, openai, vllm, mock); default from the judge card")
+    p.add_argument("--base-url", help="OpenAI-compatible server URL for judges on the openai backend")
     p.add_argument("--format", choices=FORMATS, help="benchmark format (default: guessed from the first row)")
     p.add_argument("--column-map", help="FIELD=COLUMN,... e.g. gold=my_rating,image=img_path")
     p.add_argument("--rubric", help="rubric file for benchmarks without one ('Score N:' text or JSON)")
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             column_map=args.column_map, rubric=args.rubric, image_root=args.image_root,
             image_rewrites=dict(_pairs(args.image_rewrite, "--image-rewrite")), gold_scale=(lo, hi),
             limit=args.limit, probes=probes, caption_model=args.caption_model, caption_backend=args.caption_backend,
+            base_url=args.base_url,
             self_models=self_models, expected_score=args.expected_score, batch_size=args.batch_size,
             max_parse_retries=args.max_parse_retries, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, seed=args.seed,
         )

@@ -48,6 +48,8 @@ class EvalConfig:
     caption_model: str | None = None
     """Caption images with this model for text judges (else the benchmark's captions)."""
     caption_backend: str = "hf"
+    base_url: str | None = None
+    """OpenAI-compatible server for judges (and the captioner) on the 'openai' backend."""
     self_models: dict[str, list[str]] = field(default_factory=dict)
     """judge label or name -> model names whose responses that judge wrote (self-preference probe)."""
     expected_score: bool = False
@@ -84,7 +86,9 @@ def _rubric(path: str | None) -> Rubric | None:
 
 
 def _load_judge(spec: JudgeSpec, cfg: EvalConfig) -> Judge:
-    judge = Judge.load(spec.name, backend=spec.backend or cfg.backend)
+    backend = spec.backend or cfg.backend
+    kw = {"base_url": cfg.base_url} if backend == "openai" and cfg.base_url else {}
+    judge = Judge.load(spec.name, backend=backend, **kw)
     params = judge.config.params
     if cfg.max_new_tokens:
         params = replace(params, max_new_tokens=cfg.max_new_tokens)
@@ -114,7 +118,8 @@ def run_eval(cfg: EvalConfig, judges: dict[str, Judge] | None = None) -> dict[st
     caption_source, model_caps, cap_errors = "benchmark", None, {}
     if any(s.kind == "text" for s in specs) and bench.has_images and cfg.caption_model:
         _log(f"captioning images with {cfg.caption_model}")
-        cap_backend = get_backend(cfg.caption_backend, model=cfg.caption_model)
+        kw = {"base_url": cfg.base_url} if cfg.caption_backend == "openai" and cfg.base_url else {}
+        cap_backend = get_backend(cfg.caption_backend, model=cfg.caption_model, **kw)
         model_caps, cap_errors = caption_with_model(cap_backend, [it.request for it in items])
         caption_source = f"model {cfg.caption_model} ({cfg.caption_backend})"
     caption_missing: dict[str, str] = {}

@@ -144,3 +144,19 @@ def test_cli_errors_are_clear(tmp_path, bench, capsys):
     assert "unknown probe" in capsys.readouterr().err
     assert main([str(bench), "--judge", "mock", "--judge", "mock", "--out", str(tmp_path / "o")]) == 2
     assert "judge named twice" in capsys.readouterr().err
+
+
+def test_eval_judge_served_over_http(tmp_path, bench):
+    """A judge behind a real OpenAI-compatible server on 127.0.0.1: images travel over HTTP, so the
+    grounding probe still sees the image-aware judge react to an unrelated image."""
+    from vlm_judge.serve import start_server
+
+    with start_server(ImageAwareBackend("served-aware"), model_name="served-aware") as h:
+        out = tmp_path / "r"
+        assert main([str(bench), "--judge", "served-aware@openai", "--base-url", h.base_url, "--probes", "grounding",
+                     "--n-boot", "100", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    j = m["judges"]["vision:served-aware@openai"]
+    assert j["scored"] == 18
+    g = m["probes"]["vision:served-aware@openai"][0]
+    assert g["probe"] == "grounding" and g["flagged"] is False and g["applicable"] == 18

@@ -257,32 +257,44 @@ class HFBackend:
     # ---- grouping and batching ------------------------------------------------------------
 
     def _groups(self, rows: list[_Row]) -> list[_Group]:
-        """Groups of rows that share a token prefix covering their images (a row alone otherwise)."""
+        """Groups of rows that share a token prefix covering their images (a row alone otherwise).
+
+        Rows with the same images are sorted by tokens; the split into runs maximises the prefix
+        tokens saved, sum over groups of (members - 1) * prefix length (a small dynamic program),
+        so that e.g. two instructions of five responses each become two groups with long prefixes
+        rather than one group with only the task description in common.
+        """
         if not self.prefix_reuse:
             return [_Group([r], len(r.ids)) for r in rows]
         by_images: dict[tuple[str, ...], list[_Row]] = {}
         for r in rows:  # equal image tokens mean equal pixels only when the images are the same
             by_images.setdefault(r.image_keys, []).append(r)
         groups: list[_Group] = []
-        for members in by_images.values():
-            members.sort(key=lambda r: r.ids)
-            cur, lcp, need = [members[0]], len(members[0].ids), max(self.min_prefix_tokens, members[0].image_end)
-            for r in members[1:]:
-                n = _lcp(cur[0].ids, r.ids, lcp)
-                r_need = max(need, r.image_end)
-                # every member keeps >= 1 suffix token, so the prefix stops before the shortest end
-                if n >= r_need and min(n, len(r.ids) - 1, min(len(c.ids) for c in cur) - 1) >= r_need:
-                    cur.append(r)
-                    lcp, need = n, r_need
-                else:
-                    groups.append(self._close(cur, lcp))
-                    cur, lcp, need = [r], len(r.ids), max(self.min_prefix_tokens, r.image_end)
-            groups.append(self._close(cur, lcp))
+        for m in by_images.values():
+            m.sort(key=lambda r: r.ids)
+            n = len(m)
+            adj = [_lcp(m[i].ids, m[i + 1].ids, len(m[i].ids)) for i in range(n - 1)]
+            best = [0] * (n + 1)  # best[j]: most tokens saved over the first j rows
+            cut = [0] * (n + 1)  # where the last group of that best split starts
+            for j in range(1, n + 1):
+                best[j], cut[j] = best[j - 1], j - 1  # row j-1 alone
+                plen, need = len(m[j - 1].ids) - 1, max(self.min_prefix_tokens, m[j - 1].image_end)
+                for i in range(j - 2, max(-1, j - 1 - self.batch_size), -1):  # group m[i:j]
+                    # every member keeps >= 1 suffix token, and the prefix must hold all image tokens
+                    plen = min(plen, adj[i], len(m[i].ids) - 1)
+                    need = max(need, m[i].image_end)
+                    if plen < need:
+                        break
+                    if best[i] + (j - 1 - i) * plen > best[j]:
+                        best[j], cut[j] = best[i] + (j - 1 - i) * plen, i
+            j = n
+            while j > 0:
+                i = cut[j]
+                part = m[i:j]
+                plen = min([len(r.ids) - 1 for r in part] + [adj[k] for k in range(i, j - 1)])
+                groups.append(_Group(part, plen if len(part) > 1 else len(part[0].ids)))
+                j = i
         return groups
-
-    @staticmethod
-    def _close(rows: list[_Row], lcp: int) -> _Group:
-        return _Group(rows, min([lcp] + [len(r.ids) - 1 for r in rows]) if len(rows) > 1 else len(rows[0].ids))
 
     def _batches(self, groups: list[_Group]) -> list[list[_Group]]:
         """Pack groups into batches of similar length under the row and padded-token caps."""

@@ -70,7 +70,7 @@ def test_eval_writes_full_report_and_resumes(tmp_path, bench, capsys):
     aware = _card(tmp_path / "aware_judge", "eval-test-aware")
     out = tmp_path / "report"
     args = [str(bench), "--judge", "mock", "--judge", aware, "--judge", "text:mock", "--probes", "all",
-            "--n-boot", "200", "--out", str(out)]
+            "--n-boot", "100", "--out", str(out)]
     CountingImageAware.total = 0
     assert vlm_main(["eval", *args]) == 0  # through the real `vlm-judge` dispatcher
     first_calls = CountingImageAware.total

@@ -108,7 +108,7 @@ def test_eval_writes_full_report_and_resumes(tmp_path, bench, capsys):
     assert "IMAGE-BLIND" in md and "bad1" in md and "Paired test" in md and "(plots/probes.png)" in md
     assert "<table>" in (out / "report.html").read_text()
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["judges"][1] == aware and cfg["n_boot"] == 200
+    assert cfg["judges"][1] == aware and cfg["n_boot"] == 100
 
     # a re-run resumes from the cache: no new generations, identical metrics
     CountingImageAware.total = 0

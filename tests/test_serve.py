@@ -208,6 +208,6 @@ def test_serving_the_tiny_llava_over_http(server, request, sample_images):
     direct = [g.text for g in hf.generate(prompts, params)]
     remote = OpenAIBackend("tiny", base_url=h.base_url, concurrency=3).generate(prompts, params)
     assert [g.error for g in remote] == [None] * 3
-    assert h.stats.batch_sizes == [3]
+    assert list(h.stats.batch_sizes) == [3]
     assert [g.text for g in remote] == direct
     assert all(g.prompt_tokens > 16 for g in remote)  # the 16 image tokens were counted

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +36,8 @@ from vlm_judge.records import ImageRef
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 """Largest request accepted; a few full-resolution images as base64 fit well below it."""
+HISTORY = 100_000
+"""How many batch sizes / reply statuses the stats keep (a long-running server must not grow)."""
 
 
 class BadRequest(ValueError):
@@ -71,10 +74,10 @@ class ServerStats:
     in_flight: int = 0
     max_in_flight: int = 0
     """The most chat requests being handled at the same moment."""
-    batch_sizes: list[int] = field(default_factory=list)
-    """Prompts per backend.generate call."""
-    statuses: list[int] = field(default_factory=list)
-    """HTTP status of every chat reply, in the order they were sent (0: dropped, no reply)."""
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    """Prompts per backend.generate call (the latest HISTORY calls)."""
+    statuses: deque[int] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    """HTTP status of each chat reply, in the order they were sent (0: dropped, no reply)."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -215,16 +218,20 @@ class MicroBatcher:
         self.backend, self.max_batch, self.batch_wait = backend, max_batch, batch_wait
         self.stats = stats or ServerStats()
         self._q: queue.Queue[_Item | None] = queue.Queue()
+        self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="vlm-judge-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, prompt: Prompt, params: GenerationParams) -> Generation:
+        if self._stopped:
+            return Generation(text=None, error="server stopped")
         item = _Item(prompt, params)
         self._q.put(item)
         item.done.wait()
         return item.result or Generation(text=None, error="server stopped")
 
     def stop(self) -> None:
+        self._stopped = True
         self._q.put(None)
         self._thread.join(timeout=5)
         while True:  # anyone still waiting gets an answer instead of hanging

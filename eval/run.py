@@ -73,7 +73,11 @@ def judge_cached(
     ids = [r.id for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError("request ids must be unique within one run")
-    fps = [fingerprint(r) for r in requests]
+    # the judge's settings are part of the identity: a changed template or budget re-judges
+    c = judge.config
+    setting = json.dumps([c.template, c.n_samples, c.swap, c.aggregate, c.max_parse_retries,
+                          c.params.max_new_tokens, c.params.temperature, c.params.seed])
+    fps = [fingerprint(r, setting) for r in requests]
     done: dict[str, Judgment] = {}
     path = Path(cache) if cache else None
     if path and path.is_file():
@@ -94,8 +98,10 @@ def judge_cached(
             done[fps[k]] = j
             lines.append(json.dumps({**j.to_dict(), "_fp": fps[k]}))
         if path:
+            # a run killed mid-write leaves a partial last line: start ours on a fresh line
+            broken = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
             with path.open("a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+                f.write(("\n" if broken else "") + "\n".join(lines) + "\n")
         if progress:
             progress(min(start + chunk, len(todo)), len(todo))
     return [done[fp] for fp in fps]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,32 @@ def test_eval_judge_served_over_http(tmp_path, bench):
     assert j["scored"] == 18
     g = m["probes"]["vision:served-aware@openai"][0]
     assert g["probe"] == "grounding" and g["flagged"] is False and g["applicable"] == 18
+
+
+def test_cache_is_reused_only_for_the_same_request_and_settings(tmp_path, sample_images):
+    from eval.benchmarks import load_benchmark
+    from eval.run import judge_cached
+    from tests.test_eval_probes import write_bench
+    from vlm_judge.scorer import Judge, ScorerConfig
+
+    reqs = [it.request for it in load_benchmark(write_bench(tmp_path, sample_images, rows=4), format="visit").items]
+    be = CountingImageAware()
+    cache = tmp_path / "c.jsonl"
+    CountingImageAware.total = 0
+    first = judge_cached(Judge(be, ScorerConfig()), reqs, cache)
+    assert CountingImageAware.total == 4
+    again = judge_cached(Judge(be, ScorerConfig()), reqs, cache)
+    assert CountingImageAware.total == 4 and [j.score for j in again] == [j.score for j in first]
+    judge_cached(Judge(be, ScorerConfig(template="prefix")), reqs, cache)  # other settings: judged anew
+    assert CountingImageAware.total == 8
+    with cache.open("a") as f:
+        f.write('{"cut off')  # an interrupted write is skipped, not fatal
+    judge_cached(Judge(be, ScorerConfig()), reqs[:2], cache)
+    assert CountingImageAware.total == 8
+    # a new request after the broken line lands on its own line and is read back next time
+    extra = [replace(reqs[0], id="new", instruction="Another question?")]
+    judge_cached(Judge(be, ScorerConfig()), extra, cache)
+    assert CountingImageAware.total == 9
+    judge_cached(Judge(be, ScorerConfig()), extra, cache)
+    assert CountingImageAware.total == 9
+    assert len(cache.read_text().splitlines()) == 10

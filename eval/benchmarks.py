@@ -62,7 +62,8 @@ COLUMNS: dict[str, dict[str, list[str]]] = {
         "reference": ["reference_output", "reference", "reference_answer"],
         "response": ["response", "output", "response_a", "A"],
         "response_b": ["response_b", "B"],
-        "gold": ["human_ratings", "human_rating", "rating", "human_preference", "preference", "winner"],
+        "gold": ["human_ratings", "human_rating", "rating", "human_preference", "preference", "winner",
+                 "human_ratings_gpt4_correct"],
     },
     "perception": {
         "instruction": ["orig_instruction"],
@@ -233,7 +234,10 @@ def normalize_preference(v: Any) -> str | None:
 
 
 def _score(v: Any) -> list[float]:
-    """One or more numeric ratings (a list, a number, or a numeric string)."""
+    """One or more numeric ratings (a list, a number, or a numeric string). A yes/no human judgment
+    (VisIT-Bench's `human_ratings_gpt4_correct`) maps to the ends of the scale: True 5, False 1."""
+    if isinstance(v, bool) or (isinstance(v, str) and v.strip().lower() in ("true", "false")):
+        return [5.0 if v is True or str(v).strip().lower() == "true" else 1.0]
     if isinstance(v, (list, tuple)):
         return [float(x) for x in v if x is not None]
     if isinstance(v, dict):  # {'rater1': 4, ...}
@@ -288,7 +292,7 @@ def load_benchmark(
     for k, v in parse_column_map(column_map).items():
         if k not in cols:
             raise ValueError(f"column map: unknown field {k!r}; fields are {sorted(cols)}")
-        cols[k] = [v]
+        cols[k] = [] if v in ("", "-") else [v]  # '-' switches a field off
     root = Path(image_root) if image_root is not None else path.parent
     lo, hi = gold_scale
     if hi <= lo:
@@ -348,7 +352,8 @@ def _item(
             raise ValueError(f"unreadable preference {gold_raw!r} (want A, B or tie)")
     else:
         try:
-            human = [1.0 + 4.0 * (s - lo) / (hi - lo) for s in _score(gold_raw)]
+            binary = isinstance(gold_raw, bool) or str(gold_raw).strip().lower() in ("true", "false")
+            human = _score(gold_raw) if binary else [1.0 + 4.0 * (s - lo) / (hi - lo) for s in _score(gold_raw)]
         except (TypeError, ValueError):
             raise ValueError(f"gold score {gold_raw!r} is not a number") from None
         if not human:

@@ -126,3 +126,19 @@ def test_small_helpers():
     assert [normalize_preference(v) for v in ("a", "Response B", "tie (bothbad)", "x")] == ["A", "B", "tie", None]
     with pytest.raises(FileNotFoundError):
         load_benchmark("/nonexistent.jsonl")
+
+
+def test_visit_release_columns_binary_gold_and_switched_off_field(tmp_path, sample_images):
+    """VisIT-Bench's release rates GPT-4's output (kept in `reference_output`) yes/no; the user maps it
+    as the response and switches the reference off with '-'."""
+    rows = [{"instruction_category": "recognition", "instruction": "Name the animal.", "image": str(sample_images["chelsea"]),
+             "reference_output": "A cat.", "human_ratings_gpt4_correct": True, "instruction_conditioned_caption": "A cat."},
+            {"instruction_category": "recognition", "instruction": "Name the vehicle.", "image": str(sample_images["rocket"]),
+             "reference_output": "A bus.", "human_ratings_gpt4_correct": "false", "instruction_conditioned_caption": "A rocket."},
+            {"instruction_category": "x", "instruction": "Name it.", "image": "https://example.com/a.png",
+             "reference_output": "A.", "human_ratings_gpt4_correct": True}]
+    b = load_benchmark(_write(tmp_path / "v.jsonl", rows), format="visit",
+                       column_map="response=reference_output,reference=-", gold_scale=(1, 10))
+    assert [(it.gold, it.request.response, it.request.reference_answer) for it in b.items] == [
+        (5.0, "A cat.", None), (1.0, "A bus.", None)]
+    assert "URLs are not fetched" in b.skipped[0]["reason"]

@@ -10,8 +10,10 @@ minimal local version below (caption placed before the instruction, images remov
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from vlm_judge.backends import Backend, GenerationParams, Prompt
 from vlm_judge.records import JudgeRequest
@@ -29,24 +31,32 @@ def _local_bridge(requests: Sequence[JudgeRequest], captions: Sequence[str]) -> 
     return out
 
 
+def _text_judge_bridge() -> tuple[Callable[..., Any] | None, str]:
+    """text_judge's caption bridge when that package provides one (package or a submodule)."""
+    for mod in ("text_judge", "text_judge.bridge", "text_judge.caption_bridge", "text_judge.captions"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        fn = getattr(m, "caption_bridge", None)
+        if callable(fn):
+            return fn, f"{mod}.caption_bridge"
+    return None, "eval.captions (local)"
+
+
 def caption_bridge(requests: Sequence[JudgeRequest], captions: Sequence[str]) -> list[JudgeRequest]:
     """Text-only versions of `requests`, each carrying its caption instead of its images."""
     if len(requests) != len(captions):
         raise ValueError(f"{len(requests)} requests but {len(captions)} captions")
-    try:  # prefer the text judge's own bridge so both paths render captions the same way
-        from text_judge import caption_bridge as tj_bridge  # type: ignore[attr-defined]
-    except ImportError:
+    fn, _ = _text_judge_bridge()  # prefer the text judge's own, so both paths render captions alike
+    if fn is None:
         return _local_bridge(requests, captions)
-    return list(tj_bridge(list(requests), list(captions)))
+    return list(fn(list(requests), list(captions)))
 
 
 def bridge_source() -> str:
     """Which bridge is in use (reported)."""
-    try:
-        from text_judge import caption_bridge  # noqa: F401  # type: ignore[attr-defined]
-    except ImportError:
-        return "eval.captions (local)"
-    return "text_judge.caption_bridge"
+    return _text_judge_bridge()[1]
 
 
 def caption_with_model(

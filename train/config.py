@@ -35,8 +35,6 @@ class TrainConfig:
     """'vision': AutoModelForImageTextToText + processor; 'text': AutoModelForCausalLM + tokenizer."""
     template: str = "default"
     """Prompt template name (vlm_judge.prompts) or template file; written into the judge card."""
-    use_system_prompt: bool = True
-    """Put the template's system text in a system turn (must match how the judge is scored)."""
     chat_template: str | None = None
     """Override the tokenizer's chat template (Jinja text or a path to a .jinja file)."""
 

@@ -22,8 +22,9 @@ IGNORE = -100
 
 
 def chat_messages(prompt: Prompt, vision: bool, use_system: bool = True) -> list[dict[str, Any]]:
-    """The chat turns for a rendered prompt: optional system turn, then the user turn with the
-    images first (LLaVA places `<image>` before the text)."""
+    """The chat turns for a rendered prompt: the template's system turn, then the user turn with the
+    images first (LLaVA places `<image>` before the text). The same layout as the hf backend's
+    (vlm_judge/backends/hf.py `_chat_text`), so a judge is trained on the prompts it is scored with."""
     msgs: list[dict[str, Any]] = []
     if use_system and prompt.system:
         msgs.append({"role": "system", "content": [{"type": "text", "text": prompt.system}] if vision else prompt.system})

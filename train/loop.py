@@ -132,7 +132,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     base = resolve_base(cfg.base_model, out / "_tiny_base")
     model, proc = load_base(base, cfg.kind, dtype=torch.bfloat16 if bf16 else torch.float32,
                             chat_template=cfg.chat_template)
-    encoder = Encoder(proc, cfg.kind, cfg.template, cfg.use_system_prompt, cfg.max_length,
+    encoder = Encoder(proc, cfg.kind, cfg.template, max_length=cfg.max_length,
                       image_token_id=getattr(model.config, "image_token_id", None))
 
     # ---- data -------------------------------------------------------------------------------

@@ -134,6 +134,7 @@ def _merge_adapters_cat(judges: list[str | Path], out: Path, weights: list[float
     for name, j in zip(names[1:], judges[1:]):
         model.load_adapter(str(j), adapter_name=name)
     model.add_weighted_adapter(names, weights, adapter_name="merged", combination_type="cat")
+    model.set_adapter("merged")
     for n in names:
         model.delete_adapter(n)
     tmp = out / "_merged_tmp"

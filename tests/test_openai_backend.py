@@ -302,3 +302,23 @@ def test_retry_after_parsing_and_config_errors(monkeypatch):
         get_backend("openai", model="x")
     monkeypatch.setenv("OPENAI_API_KEY", "from-env")
     assert OpenAIBackend("x", base_url="http://h/v1").api_key == "from-env"
+
+
+def test_sick_endpoint_gets_little_traffic(served):
+    """A replica that answers 500 to everything is benched, then probed one request at a time."""
+    good = served(faults=lambda n, body: Fault(status=None, delay=0.05))  # busy but healthy
+    sick = served(faults=lambda n, body: Fault(500, message="sick replica"))
+    be = client([good.base_url, sick.base_url], concurrency=4, backoff=0.05, max_backoff=0.2)
+    gens = be.generate([Prompt(user=f"row {i}") for i in range(40)], P)
+    assert all(g.error is None for g in gens), [g.error for g in gens if g.error][:3]
+    assert good.stats.requests == 40 and sick.stats.requests < 20, sick.stats.requests
+
+
+def test_endpoint_back_from_the_bench_is_probed_one_request_at_a_time():
+    be = OpenAIBackend("m", base_urls=["http://a/v1", "http://b/v1"])
+    a, b = be.endpoints
+    b.failures, b.benched_until = 3, 0.0  # failed before; bench time is over
+    picks = [be._pick() for _ in range(4)]  # nothing finishes in between
+    assert picks.count(b) == 1 and picks.count(a) == 3
+    be._release(b, ok=True, endpoint_fault=False)  # the probe succeeded: b is healthy again
+    assert b.failures == 0 and be._pick() is b

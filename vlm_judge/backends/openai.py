@@ -299,10 +299,13 @@ class OpenAIBackend:
 
     def _pick(self) -> _Endpoint:
         """Least outstanding requests among endpoints not benched; if all are benched, the one
-        that comes back first (a dead fleet still gets tried, so errors are reported, not hung)."""
+        that comes back first (a dead fleet still gets tried, so errors are reported, not hung).
+
+        An endpoint back from the bench takes one probe request at a time until one succeeds:
+        with no requests outstanding it would otherwise look least busy and draw them all."""
         with self._lock:
             now = time.monotonic()
-            live = [e for e in self.endpoints if e.benched_until <= now]
+            live = [e for e in self.endpoints if e.benched_until <= now and (e.failures == 0 or e.outstanding == 0)]
             pool = live or [min(self.endpoints, key=lambda e: e.benched_until)]
             ep = min(pool, key=lambda e: (e.outstanding, e.sent))
             ep.outstanding += 1

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from vlm_judge.records import Mode, Verdict
 
-_NUM = r"\(?\s*(-?\d+(?:\.\d+)?)\s*\)?"
+# A number, not the start of a range ("1-5", "1 to 5", "1 or 2": the prompt's own wording when echoed).
+_NUM = r"\(?\s*(-?\d+(?:\.\d+)?)\s*\)?(?!\s*(?:-|\u2013|to|or)\s*\d)"
 # Forms of an absolute verdict. Each captures the number. Deliberately NOT matched: the rubric's
 # own "Score 3: ..." lines (number before the colon) and prose like "a score of 5" from the task
 # description, which a judge often echoes.
@@ -23,7 +24,8 @@ _ABS_PATTERNS = [
     re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*/\s*5\b"),
 ]
 _REL_PATTERNS = [
-    re.compile(r"\[RESULT\]\s*:?\s*\(?\s*(?:response\s+)?\b(A|B|tie)\b\s*\)?", re.I),
+    # not "[RESULT] (A or B)": the prompt's format line, echoed
+    re.compile(r"\[RESULT\]\s*:?\s*\(?\s*(?:response\s+)?\b(A|B|tie)\b(?!\s*(?:or|/)\s*\b(?:A|B)\b)\s*\)?", re.I),
     re.compile(r"(?:so\s+)?(?:the\s+)?better\s+response\s+is\s+(?:response\s+)?\(?\b(A|B)\b", re.I),
     re.compile(r"(?:winner|verdict)\s*:\s*(?:response\s+)?\(?\b(A|B|tie)\b", re.I),
 ]

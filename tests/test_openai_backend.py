@@ -168,6 +168,15 @@ def test_retry_after_beyond_the_limit_fails_the_row(served):
     assert h.stats.requests == 1
 
 
+def test_429_on_one_endpoint_fails_over_at_once(served):
+    busy = served(faults=lambda n, body: Fault(429, retry_after=30, message="queue full"))
+    free = served()
+    t0 = time.monotonic()
+    gens = client([busy.base_url, free.base_url], concurrency=2).generate([Prompt(user=f"r{i}") for i in range(6)], P)
+    assert all(g.error is None for g in gens) and time.monotonic() - t0 < 5
+    assert busy.stats.requests <= 2 and free.stats.requests == 6  # benched for its Retry-After
+
+
 def test_timeout_is_reported_per_prompt(served):
     h = served(faults=lambda n, body: Fault(status=None, delay=5) if "slow" in json.dumps(body) else None)
     t0 = time.monotonic()
@@ -320,5 +329,5 @@ def test_endpoint_back_from_the_bench_is_probed_one_request_at_a_time():
     b.failures, b.benched_until = 3, 0.0  # failed before; bench time is over
     picks = [be._pick() for _ in range(4)]  # nothing finishes in between
     assert picks.count(b) == 1 and picks.count(a) == 3
-    be._release(b, ok=True, endpoint_fault=False)  # the probe succeeded: b is healthy again
+    be._release(b)  # the probe succeeded: b is healthy again
     assert b.failures == 0 and be._pick() is b

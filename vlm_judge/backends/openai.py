@@ -305,22 +305,32 @@ class OpenAIBackend:
         with no requests outstanding it would otherwise look least busy and draw them all."""
         with self._lock:
             now = time.monotonic()
-            live = [e for e in self.endpoints if e.benched_until <= now and (e.failures == 0 or e.outstanding == 0)]
+            live = [e for e in self.endpoints if self._eligible(e, now)]
             pool = live or [min(self.endpoints, key=lambda e: e.benched_until)]
             ep = min(pool, key=lambda e: (e.outstanding, e.sent))
             ep.outstanding += 1
             ep.sent += 1
             return ep
 
-    def _release(self, ep: _Endpoint, ok: bool, endpoint_fault: bool) -> None:
+    def _eligible(self, e: _Endpoint, now: float) -> bool:
+        return e.benched_until <= now and (e.failures == 0 or e.outstanding == 0)
+
+    def _release(self, ep: _Endpoint, error: _Retryable | None = None) -> None:
+        """Book the end of a request. A failed endpoint is benched: for its Retry-After, or for
+        a time that doubles with its consecutive failures (a 429 without Retry-After: `backoff`)."""
         with self._lock:
             ep.outstanding -= 1
-            if ok:
+            if error is None:
                 ep.failures, ep.benched_until = 0, 0.0
-            elif endpoint_fault:
+                return
+            if error.endpoint_fault:
                 ep.failures += 1
                 bench = min(self.max_backoff, self.backoff * 2 ** (ep.failures - 1))
-                ep.benched_until = time.monotonic() + bench
+            else:
+                bench = self.backoff
+            if error.retry_after is not None:
+                bench = max(bench, error.retry_after)
+            ep.benched_until = max(ep.benched_until, time.monotonic() + bench)
 
     def _request_with_retries(self, body: dict[str, Any]) -> tuple[dict | Exception, int, str]:
         """(parsed response or the final error, attempts made, last endpoint URL)."""
@@ -333,36 +343,35 @@ class OpenAIBackend:
             try:
                 resp = self._post(ep, payload)
             except _Fatal as e:
-                self._release(ep, ok=False, endpoint_fault=False)
+                self._release(ep)  # the request was bad, not the endpoint
                 return e, attempt + 1, ep_url
             except _Retryable as e:
-                self._release(ep, ok=False, endpoint_fault=e.endpoint_fault)
+                self._release(ep, e)
                 last = e
                 if attempt == self.max_retries:
                     break
-                if e.retry_after is not None and e.retry_after > self.max_retry_after:
+                delay = self._delay(attempt, e)
+                if e.retry_after is not None and delay > self.max_retry_after:
                     # waiting an hour per prompt is worse than failing the row with the reason
                     return RuntimeError(f"{e.kind}: server asked to retry after {e.retry_after:g}s, over "
                                         f"max_retry_after={self.max_retry_after:g}s: {e.detail}"), attempt + 1, ep_url
-                time.sleep(self._delay(attempt, e))
+                time.sleep(delay)
                 continue
-            self._release(ep, ok=True, endpoint_fault=False)
+            self._release(ep)
             return resp, attempt + 1, ep_url
         n = self.max_retries
         return RuntimeError(f"{last.kind} after {n} {'retry' if n == 1 else 'retries'}: {last.detail}"), n + 1, ep_url
 
     def _delay(self, attempt: int, e: _Retryable) -> float:
-        """Seconds before the next try: the server's Retry-After when it gives one; no wait when
-        the endpoint failed and another is healthy (fail over); else exponential backoff with
-        jitter, which keeps many threads from retrying in lockstep."""
-        if e.retry_after is not None:
-            return e.retry_after
-        if e.endpoint_fault:
-            now = time.monotonic()
-            with self._lock:
-                if any(ep.benched_until <= now for ep in self.endpoints):
-                    return 0.0
-        return min(self.max_backoff, self.backoff * 2**attempt * (0.5 + random.random()))
+        """Seconds before the next try: none when another endpoint can take it (fail over);
+        else exponential backoff with jitter (so many threads do not retry in lockstep), and
+        at least the server's Retry-After."""
+        now = time.monotonic()
+        with self._lock:
+            if any(self._eligible(ep, now) for ep in self.endpoints):
+                return 0.0
+        delay = min(self.max_backoff, self.backoff * 2**attempt * (0.5 + random.random()))
+        return delay if e.retry_after is None else max(delay, e.retry_after)
 
     def _connection(self, ep: _Endpoint) -> tuple[http.client.HTTPConnection, str]:
         conns = self._local.__dict__.setdefault("conns", {})

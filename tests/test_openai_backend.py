@@ -331,3 +331,16 @@ def test_endpoint_back_from_the_bench_is_probed_one_request_at_a_time():
     assert picks.count(b) == 1 and picks.count(a) == 3
     be._release(b)  # the probe succeeded: b is healthy again
     assert b.failures == 0 and be._pick() is b
+
+
+def test_many_rows_through_flaky_replicas_keep_their_order(served):
+    """Every 5th request dropped, every 7th a 500, on two replicas: each row still gets its own answer."""
+    def flaky(n, body):
+        return Fault(drop=True) if n % 5 == 0 else Fault(500) if n % 7 == 0 else None
+
+    a, b = served(faults=flaky), served(faults=flaky)
+    prompts = [Prompt(user=f"row {i}") for i in range(120)]
+    gens = client([a.base_url, b.base_url], concurrency=8, max_retries=8, backoff=0.005).generate(prompts, P)
+    want = MockBackend("mock").generate(prompts, P)
+    assert [g.text for g in gens] == [w.text for w in want]
+    assert any(g.extra["attempts"] > 1 for g in gens)

@@ -160,9 +160,14 @@ def perception_rows(
     values: Mapping[str, Sequence[str]],
     rng: random.Random,
     rubric: Rubric = RUBRIC,
+    with_reference: bool = True,
 ) -> list[dict[str, Any]]:
-    """The five graded responses to one question as rows in the published Perception Collection schema."""
-    ref = reference_answer(asks, gold, facts)
+    """The five graded responses to one question as rows in the published Perception Collection schema.
+
+    with_reference: include the reference answer. It states the image's facts, so data meant to
+    show what a judge learns from the image itself (the demo's learning proof) leaves it out.
+    """
+    ref = reference_answer(asks, gold, facts) if with_reference else ""
     rows = []
     for g in graded_responses(asks, gold, facts, values, rng):
         row: dict[str, Any] = {

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from vlm_judge import __version__
 from vlm_judge.backends import Backend, GenerationParams, get_backend
 from vlm_judge.images import resolve_image
 from vlm_judge.parse import parse_output
 from vlm_judge.prompts import JudgeTemplate, get_template, render, swapped
-from vlm_judge.records import JudgeRequest, Judgment, Rubric, Verdict
+from vlm_judge.records import JudgeRequest, Judgment, RecordError, Rubric, Verdict
 
 JUDGE_CARD = "vlm_judge.json"
 """File in a judge folder naming its backend, template and kind; written by `train`."""
@@ -81,10 +82,17 @@ def _as_rubric(r: Rubric | dict | str) -> Rubric:
 
 
 def _per_row(value: Any, n: int, name: str) -> list[Any]:
-    """Broadcast a single value to n rows, or check a list has n entries."""
-    if isinstance(value, (list, tuple)) and not (name == "images" and value and not isinstance(value[0], (list, tuple, type(None)))):
+    """Broadcast a single value to n rows, or check a list has n entries.
+
+    `images` is per row when it is a list: one entry per row (None, one image, or a list of
+    images). Only for a single row may a flat list hold that row's several images.
+    """
+    if isinstance(value, (list, tuple)):
+        if name == "images" and n == 1 and len(value) != 1 and not any(isinstance(v, (list, tuple)) for v in value):
+            return [list(value)]
         if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries for {n} rows")
+            hint = " (give one entry per row; a row with several images takes a list)" if name == "images" else ""
+            raise ValueError(f"{name} has {len(value)} entries for {n} rows{hint}")
         return list(value)
     return [value] * n
 
@@ -147,17 +155,18 @@ class Judge:
         """Score each response 1..5 against the rubric. `images`: per row None, a path/bytes or a list."""
         instructions, responses = _listify(instructions), _listify(responses)
         n = len(instructions)
+        rows = zip(
+            instructions, _per_row(responses, n, "responses"), _per_row(rubric, n, "rubric"),
+            _per_row(reference_answers, n, "reference_answers"), _per_row(images, n, "images"),
+        )
         reqs = [
-            JudgeRequest(
+            self._row(_row_id(ids, k), "absolute", lambda rid, i=i, r=r, rb=rb, ref=ref, im=im: JudgeRequest(
                 instruction=i, response=r, rubric=_as_rubric(rb), reference_answer=ref,
-                images=_images(im), id=str(ids[k]) if ids else str(k), mode="absolute",
-            )
-            for k, (i, r, rb, ref, im) in enumerate(zip(
-                instructions, _per_row(responses, n, "responses"), _per_row(rubric, n, "rubric"),
-                _per_row(reference_answers, n, "reference_answers"), _per_row(images, n, "images"),
+                images=_images(im), id=rid, mode="absolute",
             ))
+            for k, (i, r, rb, ref, im) in enumerate(rows)
         ]
-        return self.grade(reqs, progress=progress)
+        return self._grade_valid(reqs, progress)
 
     def relative_grade(
         self,
@@ -173,18 +182,32 @@ class Judge:
         """Choose the better of two responses: 'A', 'B', or 'tie' when the two orders disagree."""
         instructions = _listify(instructions)
         n = len(instructions)
+        rows = zip(
+            instructions, _per_row(_listify(responses_a), n, "responses_a"),
+            _per_row(_listify(responses_b), n, "responses_b"), _per_row(rubric, n, "rubric"),
+            _per_row(reference_answers, n, "reference_answers"), _per_row(images, n, "images"),
+        )
         reqs = [
-            JudgeRequest(
+            self._row(_row_id(ids, k), "relative", lambda rid, i=i, a=a, b=b, rb=rb, ref=ref, im=im: JudgeRequest(
                 instruction=i, response=a, response_b=b, rubric=_as_rubric(rb), reference_answer=ref,
-                images=_images(im), id=str(ids[k]) if ids else str(k), mode="relative",
-            )
-            for k, (i, a, b, rb, ref, im) in enumerate(zip(
-                instructions, _per_row(_listify(responses_a), n, "responses_a"),
-                _per_row(_listify(responses_b), n, "responses_b"), _per_row(rubric, n, "rubric"),
-                _per_row(reference_answers, n, "reference_answers"), _per_row(images, n, "images"),
+                images=_images(im), id=rid, mode="relative",
             ))
+            for k, (i, a, b, rb, ref, im) in enumerate(rows)
         ]
-        return self.grade(reqs, progress=progress)
+        return self._grade_valid(reqs, progress)
+
+    def _row(self, rid: str, mode: str, build: Callable[[str], JudgeRequest]) -> JudgeRequest | Judgment:
+        """The request, or an error Judgment naming why this row is invalid (the others go on)."""
+        try:
+            return build(rid)
+        except (RecordError, KeyError, TypeError) as e:
+            reason = str(e) if isinstance(e, RecordError) else f"bad rubric: {type(e).__name__}: {e}"
+            return Judgment(id=rid, mode=mode, score=None, status="error", reason=reason, attempts=0,  # type: ignore[arg-type]
+                            judge=self.name, template=self._template(mode).name, version=__version__)
+
+    def _grade_valid(self, items: list[JudgeRequest | Judgment], progress: Callable[[int], None] | None) -> list[Judgment]:
+        graded = iter(self.grade([x for x in items if isinstance(x, JudgeRequest)], progress=progress))
+        return [x if isinstance(x, Judgment) else next(graded) for x in items]
 
     def grade(self, requests: Sequence[JudgeRequest], progress: Callable[[int], None] | None = None) -> list[Judgment]:
         """Grade a mixed list of absolute and relative requests; one Judgment per request, in order."""
@@ -282,6 +305,10 @@ class Judge:
         else:
             score = int(mean + 0.5)
         return Judgment(score=score, samples=scores, mean_score=mean if len(scores) > 1 else None, **common)
+
+
+def _row_id(ids: Sequence[str] | None, k: int) -> str:
+    return str(ids[k]) if ids else str(k)
 
 
 def _listify(x: Sequence[str] | str) -> list[str]:

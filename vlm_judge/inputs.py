@@ -193,10 +193,11 @@ def _rubric(value: Any, rid: str, opts: InputOptions, name: str = "rubric") -> R
         if isinstance(value, dict):
             if "criteria" not in value:
                 raise RowError(rid, "a rubric object needs 'criteria'", name)
-            rb = Rubric.from_dict(value)
-            if rb.score_descriptions == () and any(f"score{i}_description" in value for i in range(1, 6)):
-                raise RowError(rid, "rubric has some but not all of score1..score5 descriptions", name)
-            return rb
+            keys = [f"score{i}_description" for i in range(1, 6)]
+            missing = [k for k in keys if not str(value.get(k) or "").strip()]
+            if "score_descriptions" not in value and 0 < len(missing) < 5:
+                raise RowError(rid, f"rubric lacks {', '.join(missing)} (it needs all of score1..score5)", name)
+            return Rubric.from_dict(value)
         if isinstance(value, str):
             if value in opts.rubrics:
                 return opts.rubrics[value]

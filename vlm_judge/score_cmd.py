@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="rows to score: .jsonl, .json, .parquet, .arrow or a datasets folder")
     p.add_argument("--judge", required=True, help="'mock', a judge folder, a model path/name, or a served model's name")
     p.add_argument("--out", required=True, help="output JSONL (re-runs resume from it)")
-    p.add_argument("--backend", choices=["hf", "openai", "vllm", "mock"],
-                   help="default: the judge folder's card, 'openai' with --base-url, else 'hf'")
+    p.add_argument("--backend", help="hf, openai, vllm, mock or a registered backend "
+                   "(default: the judge folder's card, 'openai' with --base-url, else 'hf')")
     p.add_argument("--base-url", action="append", default=[], metavar="URL",
                    help="OpenAI-compatible server; repeat to spread rows over several")
     p.add_argument("--backend-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -139,6 +139,16 @@ def read_output(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+def _end_torn_line(path: Path) -> None:
+    """A run killed mid-write leaves a line without its newline: close it, so the next line
+    appended is not glued to it (the torn line is unreadable, skipped, and dropped when compacting)."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 def _error_line(rid: str, err: RowError | str, judge: Judge, mode: str) -> dict[str, Any]:
     reason = err.reason if isinstance(err, RowError) else err
     j = Judgment(id=rid, mode="relative" if mode == "relative" else "absolute", score=None, status="error",
@@ -179,12 +189,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = read_output(out)
+    other = {(r.get("judge"), r.get("template")) for r in previous.values() if r.get("status") in DONE}
+    other.discard((judge.name, judge.config.template))
+    if other:  # resuming would mix two judges' verdicts in one file
+        judge_, template = sorted(other, key=str)[0]
+        print(f"vlm-judge score: {out} holds judgments by judge {judge_!r} with template {template!r}, not "
+              f"{judge.name!r} with {judge.config.template!r}; choose another --out", file=sys.stderr)
+        return EXIT_CONFIG
     skip = {k for k, r in previous.items() if r.get("status") in DONE}
     from tqdm import tqdm
 
     order: list[str] = []
     counts = {"skipped": 0, "judged": 0}
     bar = tqdm(desc="scoring", unit="row", disable=args.no_progress, file=sys.stderr)
+    _end_torn_line(out)
     with out.open("a", encoding="utf-8") as f:
         def write(lines: list[dict[str, Any]]) -> None:
             for line in lines:

@@ -1,0 +1,167 @@
+"""`vlm-judge score` end to end: real image files (one corrupt), a row missing a field, a killed
+run, and re-runs that resume without duplicates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vlm_judge.backends import register_backend
+from vlm_judge.backends.mock import MockBackend
+from vlm_judge.cli import main as vlm_main
+
+RUBRIC = {"criteria": "Does the answer name what is in the photo?",
+          **{f"score{i}_description": f"level {i}" for i in range(1, 6)}}
+CALLS: list[str] = []
+
+
+class CountingBackend(MockBackend):
+    """The mock, recording which rows reach the model; a row whose text says UNPARSABLE gets no verdict."""
+
+    def generate(self, prompts, params):
+        out = super().generate(prompts, params)
+        for p, g in zip(prompts, out):
+            CALLS.append(p.user.split("###The instruction to evaluate:\n")[1].split("\n")[0])
+            if "UNPARSABLE" in p.user:
+                g.text = "Feedback: I cannot decide."
+        return out
+
+
+register_backend("counting", f"{__name__}:CountingBackend")
+
+
+@pytest.fixture
+def data(tmp_path, sample_images) -> Path:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "chelsea", "coffee"):
+        shutil.copy(sample_images[name], photos / f"{name}.png")
+    (photos / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00 cut off")
+    rows = [
+        {"id": "astro", "instruction": "Who is this?", "response": "An astronaut.", "rubric": RUBRIC,
+         "image": "photos/astronaut.png"},
+        {"id": "cat", "instruction": "What animal?", "response": "A cat.", "rubric": RUBRIC,
+         "images": ["photos/chelsea.png", "photos/coffee.png"]},
+        {"id": "broken", "instruction": "What is it?", "response": "A cup.", "rubric": RUBRIC, "image": "photos/corrupt.png"},
+        {"id": "noresp", "instruction": "What is it?", "rubric": RUBRIC, "image": "photos/coffee.png"},
+        {"instruction": "Which answer is better?", "response": "A cup of coffee.", "response_b": "A cat.",
+         "rubric": {"criteria": "Which names the drink?"}, "image": "photos/coffee.png"},
+        {"id": "text", "instruction": "UNPARSABLE Say hi.", "response": "Hi.", "rubric": RUBRIC},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def score(*args: str) -> int:
+    return vlm_main(["score", *args, "--no-progress"])
+
+
+def test_score_mixed_rows_then_resume_without_duplicates(data, capsys):
+    out = data.parent / "out" / "judged.jsonl"
+    CALLS.clear()
+    rc = score(str(data), "--judge", "mock", "--backend", "counting", "--out", str(out), "--chunk-size", "2")
+    assert rc == 3  # some rows errored; the others were judged
+    rows = lines(out)
+    assert [r["id"] for r in rows] == ["astro", "cat", "broken", "noresp", "4", "text"]  # input order
+    by = {r["id"]: r for r in rows}
+    assert by["astro"]["status"] == "ok" and by["astro"]["score"] in (1, 2, 3, 4, 5)
+    assert by["cat"]["status"] == "ok"
+    assert by["4"]["mode"] == "relative" and by["4"]["score"] in ("A", "B", "tie")
+    assert by["broken"]["status"] == "error" and "cannot decode image" in by["broken"]["reason"]
+    assert by["broken"]["reason"].startswith("field 'image'")
+    assert by["noresp"]["status"] == "error" and by["noresp"]["reason"] == "field 'response': missing or empty"
+    assert by["text"]["status"] == "parse_failure" and by["text"]["attempts"] == 3  # 2 retries by default
+    assert all(r["judge"] == "mock" and r["template"] == "default" for r in rows)
+    summary = json.loads(Path(str(out) + ".summary.json").read_text())
+    assert (summary["rows"], summary["scored"], summary["parse_failures"], summary["errors"]) == (6, 3, 1, 2)
+    assert summary["failure_reasons"] == {"no score found": 1}
+    printed = capsys.readouterr().out
+    assert "scored: 3" in printed and "missing or empty" in printed and "no score found" in printed
+    first_calls = len(CALLS)
+    assert first_calls == 1 + 1 + 2 + 3  # astro, cat, both orders of row 4, three tries of 'text'
+
+    # fix the corrupt image and the missing field; re-run: only the two error rows are judged
+    shutil.copy(data.parent / "photos" / "astronaut.png", data.parent / "photos" / "corrupt.png")
+    fixed = [json.loads(x) for x in data.read_text().splitlines()]
+    fixed[3]["response"] = "A coffee cup."
+    data.write_text("".join(json.dumps(r) + "\n" for r in fixed))
+    CALLS.clear()
+    rc = score(str(data), "--judge", "mock", "--backend", "counting", "--out", str(out))
+    assert rc == 0
+    assert sorted(CALLS) == ["What is it?", "What is it?"]
+    rows2 = lines(out)
+    assert [r["id"] for r in rows2] == [r["id"] for r in rows]  # no duplicates, same order
+    assert all(r["status"] in ("ok", "parse_failure") for r in rows2)
+    kept = {r["id"]: r for r in rows2}
+    assert kept["astro"] == by["astro"] and kept["text"] == by["text"]  # untouched
+    assert "resumed: 4 rows" in capsys.readouterr().out
+
+    # a third run has nothing left to judge
+    CALLS.clear()
+    assert score(str(data), "--judge", "mock", "--backend", "counting", "--out", str(out)) == 0
+    assert CALLS == [] and lines(out) == rows2
+
+
+def test_a_killed_run_resumes_from_its_partial_file(data):
+    out = data.parent / "judged.jsonl"
+    assert score(str(data), "--judge", "mock", "--backend", "counting", "--out", str(out)) == 3
+    full = lines(out)
+    # as if killed mid-write: the first two rows saved, the third torn
+    out.write_text("\n".join(json.dumps(r) for r in full[:2]) + '\n{"id": "broken", "mod')
+    CALLS.clear()
+    assert score(str(data), "--judge", "mock", "--backend", "counting", "--out", str(out)) == 3
+    again = lines(out)
+    assert [r["id"] for r in again] == [r["id"] for r in full]
+    assert [(r["id"], r["score"], r["status"]) for r in again] == [(r["id"], r["score"], r["status"]) for r in full]
+    assert "Who is this?" not in CALLS and "What animal?" not in CALLS  # saved rows were not redone
+
+
+def test_published_rows_through_the_cli_with_an_image_rewrite(tmp_path, sample_images):
+    src = next((p for p in (Path(__file__).parent / "data" / "prometheus-vision",
+                            Path("/work/shared/samples/prometheus-vision")) if p.is_dir()), None)
+    if src is None:
+        pytest.skip("published sample rows not present")
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(src / "sample_eval_data.jsonl", data / "eval.jsonl")
+    imgs = tmp_path / "my_images"
+    (imgs / "mmmu").mkdir(parents=True)
+    for name in ("9900", "3215"):
+        shutil.copy(sample_images["coffee"], imgs / "mmmu" / f"{name}.png")
+    out = tmp_path / "out.jsonl"
+    rc = score(str(data / "eval.jsonl"), "--judge", "mock", "--out", str(out), "--image-rewrite", f"../mmmu/={imgs}/mmmu/")
+    rows = lines(out)
+    assert rc == 3 and [r["status"] for r in rows] == ["ok", "ok", "error"]
+    assert "outside the allowed folders" in rows[2]["reason"] and "train2017" in rows[2]["reason"]
+
+
+def test_column_map_rubric_file_and_config_errors(tmp_path, capsys):
+    rows = [{"q": "What is 2+2?", "a": "4"}, {"q": "What is 3+3?", "a": "6"}]
+    (tmp_path / "in.json").write_text(json.dumps(rows))
+    (tmp_path / "rubric.json").write_text(json.dumps(RUBRIC))
+    out = tmp_path / "o.jsonl"
+    args = [str(tmp_path / "in.json"), "--judge", "mock", "--out", str(out)]
+    assert score(*args, "--column-map", "instruction=q,response=a", "--rubric", str(tmp_path / "rubric.json"),
+                 "--template", "prefix") == 0
+    assert [r["template"] for r in lines(out)] == ["prefix", "prefix"]
+    capsys.readouterr()
+    assert score(*args) == 2  # the same --out with another template: refused, not mixed
+    assert "holds judgments by judge 'mock' with template 'prefix'" in capsys.readouterr().err
+    args[-1] = str(tmp_path / "o2.jsonl")
+    assert score(*args, "--column-map", "instruction=q,response=a") == 1  # no rubric anywhere: nothing judged
+    assert [r["reason"] for r in lines(tmp_path / "o2.jsonl")] == ["field 'rubric': missing (and no default rubric was given)"] * 2
+    assert score(*args, "--template", str(tmp_path / "nope.yaml")) == 2
+    assert "unknown template" in capsys.readouterr().err
+    assert score(str(tmp_path / "missing.jsonl"), "--judge", "mock", "--out", str(out)) == 2
+    assert score(*args, "--n-samples", "3") == 2
+    assert score(*args, "--image-rewrite", "no-equals-sign") == 2
+    assert score(*args, "--backend", "nosuch") == 2
+    assert "unknown backend" in capsys.readouterr().err

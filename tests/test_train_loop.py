@@ -175,3 +175,39 @@ def test_full_finetune_freezes_vision_tower(tiny_llava_dir, data, tmp_path):
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, base[k])}
     assert not any("vision_tower" in k or "multi_modal_projector" in k for k in changed)
     assert any("language_model" in k for k in changed)
+
+
+def test_grad_accum_checkpointing_and_projector(tiny_llava_dir, data, tmp_path):
+    """4 micro-batches with grad_accum=2 are 2 optimizer steps; a LoRA run with train_projector
+    trains the projector (modules_to_save) and leaves the vision tower alone."""
+    from transformers import AutoModelForImageTextToText
+
+    cfg = _cfg(tiny_llava_dir, data, tmp_path / "acc", max_steps=2, grad_accum=2, gradient_checkpointing=True,
+               train_projector=True, max_rows=8)
+    res = train(cfg)
+    assert res.step == 2 and len(res.losses) == 2
+    base = AutoModelForImageTextToText.from_pretrained(str(tiny_llava_dir)).state_dict()
+    model, _, _ = load_judge(res.output_dir)
+    merged = model.merge_and_unload().state_dict()
+    assert any(not torch.equal(merged[k], base[k]) for k in base if "multi_modal_projector" in k)
+    assert all(torch.equal(merged[k], base[k]) for k in base if "vision_tower" in k)
+
+
+def test_text_judge_trains_on_pairs_and_scores(tiny_text_lm_dir, tmp_path):
+    _, pairs = rows_for({"astronaut": "x", "chelsea": "y"})
+    absolute, _ = rows_for({"coffee": "z"})
+    rows = [{k: v for k, v in r.items() if k != "image"} for r in pairs + absolute]  # Feedback-Collection style
+    path = write_jsonl(rows, tmp_path / "fc.jsonl")
+    cfg = TrainConfig(base_model=str(tiny_text_lm_dir), kind="text", train_data=[str(path)], output_dir=str(tmp_path / "tj"),
+                      max_steps=3, per_device_batch_size=2, lr=1e-2, precision="fp32", tensorboard=False)
+    res = train(cfg)
+    assert res.report.examples == len(absolute) + 2 * len(pairs)  # pairs in both orders
+    card = read_card(res.output_dir)
+    assert card["kind"] == "text" and card["adapter"] is True
+    pytest.importorskip("vlm_judge.backends.hf")
+    from vlm_judge.backends.base import GenerationParams
+    from vlm_judge.scorer import Judge, ScorerConfig
+
+    judge = Judge.load(str(res.output_dir), config=ScorerConfig(max_parse_retries=0, params=GenerationParams(max_new_tokens=6)))
+    out = judge.relative_grade(["Which is right?"], ["A cat."], ["A dog."], "Does it name the animal?")
+    assert out[0].mode == "relative" and out[0].raw_output

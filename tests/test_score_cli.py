@@ -162,6 +162,12 @@ def test_column_map_rubric_file_and_config_errors(tmp_path, capsys):
     assert "unknown template" in capsys.readouterr().err
     assert score(str(tmp_path / "missing.jsonl"), "--judge", "mock", "--out", str(out)) == 2
     assert score(*args, "--n-samples", "3") == 2
+    # a user template file: its name is recorded, and a re-run resumes (nothing new to judge)
+    (tmp_path / "mine.yaml").write_text("body: |\n  Q: {instruction}\n  A: {response}\n  {rubric}\n  Feedback:\n")
+    mapped = [str(tmp_path / "in.json"), "--judge", "mock", "--out", str(tmp_path / "o3.jsonl"), "--template",
+              str(tmp_path / "mine.yaml"), "--column-map", "instruction=q,response=a", "--rubric", str(tmp_path / "rubric.json")]
+    assert score(*mapped) == 0 and score(*mapped) == 0
+    assert [r["template"] for r in lines(tmp_path / "o3.jsonl")] == ["mine", "mine"]
     assert score(*args, "--image-rewrite", "no-equals-sign") == 2
     assert score(*args, "--backend", "nosuch") == 2
     assert "unknown backend" in capsys.readouterr().err

@@ -139,6 +139,13 @@ def read_output(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+def _template_name(judge: Judge) -> str:
+    """The name judgments record (a template file's stem, not its path)."""
+    from vlm_judge.prompts import get_template
+
+    return get_template(judge.config.template, "absolute").name
+
+
 def _end_torn_line(path: Path) -> None:
     """A run killed mid-write leaves a line without its newline: close it, so the next line
     appended is not glued to it (the torn line is unreadable, skipped, and dropped when compacting)."""
@@ -152,7 +159,7 @@ def _end_torn_line(path: Path) -> None:
 def _error_line(rid: str, err: RowError | str, judge: Judge, mode: str) -> dict[str, Any]:
     reason = err.reason if isinstance(err, RowError) else err
     j = Judgment(id=rid, mode="relative" if mode == "relative" else "absolute", score=None, status="error",
-                 reason=reason, attempts=0, judge=judge.name, template=judge.config.template, version=__version__)
+                 reason=reason, attempts=0, judge=judge.name, template=_template_name(judge), version=__version__)
     return j.to_dict()
 
 
@@ -190,11 +197,11 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = read_output(out)
     other = {(r.get("judge"), r.get("template")) for r in previous.values() if r.get("status") in DONE}
-    other.discard((judge.name, judge.config.template))
+    other.discard((judge.name, _template_name(judge)))
     if other:  # resuming would mix two judges' verdicts in one file
         judge_, template = sorted(other, key=str)[0]
         print(f"vlm-judge score: {out} holds judgments by judge {judge_!r} with template {template!r}, not "
-              f"{judge.name!r} with {judge.config.template!r}; choose another --out", file=sys.stderr)
+              f"{judge.name!r} with {_template_name(judge)!r}; choose another --out", file=sys.stderr)
         return EXIT_CONFIG
     skip = {k for k, r in previous.items() if r.get("status") in DONE}
     from tqdm import tqdm
@@ -236,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     final = _compact(out, order)
     summary = summarize(final)
-    summary.update(input=str(args.input), out=str(out), judge=judge.name, template=judge.config.template,
+    summary.update(input=str(args.input), out=str(out), judge=judge.name, template=_template_name(judge),
                    version=__version__, resumed_rows=counts["skipped"], judged_this_run=counts["judged"])
     Path(str(out) + ".summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print(format_summary(summary))

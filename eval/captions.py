@@ -61,19 +61,39 @@ def bridge_source() -> str:
 
 def caption_with_model(
     backend: Backend, requests: Sequence[JudgeRequest], max_new_tokens: int = 160
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Caption each distinct image set once with `backend`: ({image_key: caption}, {image_key: error})."""
-    keys: dict[str, JudgeRequest] = {}
+) -> tuple[dict[str, str], dict[str, str], str]:
+    """Caption each distinct image once with `backend`.
+
+    Returns ({image-set key: caption}, {image-set key: error}, caption source description). Uses
+    text_judge's `BackendCaptioner` when present (same prompt, its source string), else a local loop.
+    """
+    sets: dict[str, JudgeRequest] = {}
     for r in requests:
-        if r.images and r.image_key not in keys:
-            keys[r.image_key] = r
-    order = list(keys)
-    prompts = [Prompt(user=CAPTION_PROMPT, images=keys[k].images) for k in order]
+        if r.images and r.image_key not in sets:
+            sets[r.image_key] = r
+    try:
+        from text_judge import BackendCaptioner  # type: ignore[attr-defined]
+    except ImportError:
+        BackendCaptioner = None  # noqa: N806
+    caps: dict[str, str] = {}
+    errs: dict[str, str] = {}
+    if BackendCaptioner is not None:
+        cap = BackendCaptioner(backend, max_new_tokens=max_new_tokens)
+        allims = [im for r in sets.values() for im in r.images]
+        got = dict(zip((im.key for im in allims), cap.caption(allims)))
+        for k, r in sets.items():
+            parts = [got.get(im.key) for im in r.images]
+            if all(parts):
+                caps[k] = "\n".join(p for p in parts if p)
+            else:
+                errs[k] = "; ".join(cap.errors.get(im.key, "no caption") for im in r.images if not got.get(im.key))
+        return caps, errs, cap.source
+    order = list(sets)
+    prompts = [Prompt(user=CAPTION_PROMPT, images=sets[k].images) for k in order]
     gens = backend.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens)) if prompts else []
-    caps, errs = {}, {}
     for k, g in zip(order, gens):
         if g.error is None and g.text and g.text.strip():
             caps[k] = g.text.strip()
         else:
             errs[k] = g.error or "empty caption"
-    return caps, errs
+    return caps, errs, f"model {backend.name}, greedy, max_new_tokens={max_new_tokens}"

@@ -120,8 +120,8 @@ def run_eval(cfg: EvalConfig, judges: dict[str, Judge] | None = None) -> dict[st
         _log(f"captioning images with {cfg.caption_model}")
         kw = {"base_url": cfg.base_url} if cfg.caption_backend == "openai" and cfg.base_url else {}
         cap_backend = get_backend(cfg.caption_backend, model=cfg.caption_model, **kw)
-        model_caps, cap_errors = caption_with_model(cap_backend, [it.request for it in items])
-        caption_source = f"model {cfg.caption_model} ({cfg.caption_backend})"
+        model_caps, cap_errors, how = caption_with_model(cap_backend, [it.request for it in items])
+        caption_source = f"{how} [{cfg.caption_backend} backend]"
     caption_missing: dict[str, str] = {}
 
     results: dict[str, list] = {}

@@ -9,7 +9,7 @@ import pytest
 
 from eval.agreement import judge_metrics
 from eval.benchmarks import load_benchmark
-from eval.captions import caption_with_model
+from eval.captions import bridge_source, caption_with_model
 from eval.compare import paired_tests, side_by_side, text_requests
 from eval.expected import continuation, expected_scores
 from eval.pipeline import EvalConfig, run_eval
@@ -29,6 +29,8 @@ def test_text_requests_carry_caption_not_image(tmp_path, sample_images):
     bench = load_benchmark(write_bench(tmp_path, sample_images, rows=4), format="visit")
     bench.items[1].caption = None  # this item has no caption: the text judge must not judge it blind
     reqs, missing = text_requests(bench.items)
+    assert bridge_source() == "text_judge.caption_bridge"  # the text judge's own layout, not a copy
+    assert reqs[0].instruction.startswith("Image description: A photo of astronaut.\n\n")
     assert reqs[0].images == () and "A photo of astronaut." in reqs[0].instruction
     assert bench.items[0].request.instruction in reqs[0].instruction
     assert reqs[1] is None and "no caption" in missing[bench.items[1].id]
@@ -41,8 +43,9 @@ def test_caption_with_model_captions_each_image_once(tmp_path, sample_images):
     bench = load_benchmark(write_bench(tmp_path, sample_images, rows=8), format="visit")  # 4 images, twice each
     seen = []
     cap = MockBackend(script=lambda p, n: seen.append(p.images) or f"caption {n}")
-    caps, errs = caption_with_model(cap, [it.request for it in bench.items])
-    assert len(caps) == 4 and not errs and len(seen) == 4
+    caps, errs, source = caption_with_model(cap, [it.request for it in bench.items])
+    assert len(caps) == 4 and not errs and len(seen) == 4 and "mock" in source
+    assert all(len(ims) == 1 for ims in seen)
 
 
 def test_agreement_by_hand(tmp_path, sample_images):
@@ -155,10 +158,10 @@ def test_captions_from_a_named_model_and_rubric_file(tmp_path, sample_images):
     assert main([str(path), "--judge", "text:mock", "--caption-model", "capmodel", "--caption-backend", "mock",
                  "--rubric", str(rubric), "--n-boot", "100", "--out", str(out), "--format", "visit"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["caption_source"] == "model capmodel (mock)"
+    assert m["caption_source"].startswith("model capmodel") and "[mock backend]" in m["caption_source"]
     assert m["judges"]["text:mock"]["scored"] == 4
     md = (out / "report.md").read_text()
-    assert "caption source: **model capmodel (mock)**" in md
+    assert "caption source: **model capmodel" in md
     res = run_eval(EvalConfig(bench=str(path), judges=["text:mock"], rubric=str(rubric), out=str(out), n_boot=100,
                               format="visit", caption_model="capmodel", caption_backend="mock"))
     assert res["items"][0].request.rubric.criteria == "Is the colour right?"

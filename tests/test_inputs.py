@@ -112,6 +112,25 @@ def test_a_pixel_limit_refuses_large_images(tmp_path, photo):
     assert "pixel limit" in str(got["0"])
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no pixel data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(8000, 8000))  # 64M pixels, under PIL's own bomb limit
+    row = {"instruction": "Q?", "response": "A.", "rubric": RUBRIC, "image": "bomb.png"}
+    err = read(write_jsonl(tmp_path / "in.jsonl", [row]))["0"]
+    assert isinstance(err, RowError) and "8000x8000, over the 50000000-pixel limit" in str(err)
+
+
 def test_json_list_and_column_map(tmp_path):
     rows = [{"uid": "q1", "question": "What?", "answer": "That.", "rubric": RUBRIC}]
     (tmp_path / "in.json").write_text(json.dumps(rows))

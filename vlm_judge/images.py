@@ -8,9 +8,10 @@ escapes the folders they allowed is refused rather than read.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from vlm_judge.records import ImageRef, RecordError
 
@@ -70,9 +71,10 @@ def _load_cached(key: str, path: str | None, data: bytes | None, max_pixels: int
 
     try:
         with Image.open(path if path is not None else io.BytesIO(data or b"")) as im:
-            im.load()
+            # the header gives the size: refuse before decoding, so a bomb never reaches memory
             if im.width * im.height > max_pixels:
                 raise ImageError(f"image {key[:60]} is {im.width}x{im.height}, over the {max_pixels}-pixel limit")
+            im.load()
             return im.convert("RGB")
     except ImageError:
         raise

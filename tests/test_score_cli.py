@@ -171,3 +171,19 @@ def test_column_map_rubric_file_and_config_errors(tmp_path, capsys):
     assert score(*args, "--image-rewrite", "no-equals-sign") == 2
     assert score(*args, "--backend", "nosuch") == 2
     assert "unknown backend" in capsys.readouterr().err
+
+
+def test_score_with_a_real_tiny_llava_judge(data, tiny_llava_dir):
+    """The same file through the hf backend: pixels reach a real (random) LLaVA; with no verdict
+    in its output every readable row is a parse failure with its reason, never a made-up score."""
+    pytest.importorskip("transformers")
+    out = data.parent / "hf.jsonl"
+    rc = score(str(data), "--judge", str(tiny_llava_dir), "--backend", "hf", "--out", str(out),
+               "--max-new-tokens", "4", "--retries", "0", "--batch-size", "4")
+    rows = {r["id"]: r for r in lines(out)}
+    assert rc == 3 and len(rows) == 6
+    assert rows["broken"]["status"] == "error" and rows["noresp"]["status"] == "error"
+    for rid in ("astro", "cat", "4", "text"):
+        r = rows[rid]
+        assert r["status"] == "parse_failure" and r["score"] is None and r["reason"], r
+    assert rows["4"]["attempts"] == 2  # both orders were generated

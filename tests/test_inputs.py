@@ -227,3 +227,37 @@ def test_feedback_collection_and_pairwise_rows(tmp_path):
     assert got["0"].images == () and got["0"].rubric.score_descriptions[0] == "d1" and got["0"].mode == "absolute"
     assert got["1"].mode == "relative" and got["1"].response_b == "Gravity."
     assert got["2"].field == "orig_score4_description"
+
+
+@pytest.mark.parametrize("template", ["default", "prefix"])
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("ref", [None, "The reference {answer}."])
+def test_split_prompt_inverts_render(template, relative, ref):
+    from vlm_judge.inputs import split_prompt
+    from vlm_judge.prompts import render
+
+    rb = Rubric.from_dict(RUBRIC) if not relative else Rubric("Which is right?")
+    req = JudgeRequest("Count the {apples}.\n\nThen the pears.", "Three.\n\nAnd two.", rb, reference_answer=ref,
+                       response_b="Four." if relative else None, mode="relative" if relative else "absolute")
+    parts = split_prompt("<image>\n" + render(req, template).user)
+    assert parts["instruction"] == req.instruction
+    assert parts["response_a" if relative else "response"] == req.response
+    assert parts.get("response_b") == req.response_b and parts.get("reference_answer") == ref
+    assert (Rubric.from_text(parts["rubric"]) if not relative else Rubric(parts["rubric"])) == rb
+
+
+@needs_samples
+def test_published_llava_training_rows_are_read_from_their_prompt_sections(tmp_path, sample_images):
+    data = tmp_path / "data"
+    (tmp_path / "mmmu").mkdir()
+    data.mkdir()
+    shutil.copy(SAMPLES / "sample_train_data.json", data / "train.json")
+    shutil.copy(sample_images["coffee"], tmp_path / "mmmu" / "361.png")
+    got = read(data / "train.json", image_rewrites={"../mmmu/": "../mmmu/"}, allowed=[tmp_path / "mmmu"])
+    assert list(got) == ["0", "1", "2"] and all(isinstance(r, JudgeRequest) for r in got.values()), got
+    reqs = list(got.values())
+    assert len({r.instruction for r in reqs}) == 1 and len({r.image_key for r in reqs}) == 1  # one image, 3 responses
+    assert len({r.response for r in reqs}) == 3
+    assert reqs[0].instruction.startswith("Analyze the financial data in the image")
+    assert reqs[0].rubric.criteria.startswith("Evaluates the model's ability to interpret")
+    assert reqs[0].rubric.score_descriptions[0].startswith("Does not recognize") and reqs[0].reference_answer

@@ -10,6 +10,8 @@ folder; an Image column arrives as encoded bytes). Row shapes, detected per row:
 - Perception Collection / Feedback Collection (published): `orig_instruction`, `orig_response`
   or `original_response` (or `orig_response_A` + `orig_response_B` for pairwise rows),
   `orig_reference_answer`, `orig_criteria`, `orig_score1_description`..5, `image`.
+- LLaVA conversation rows (the published Prometheus-Vision training file): `image`,
+  `conversations` = [human: a rendered judge prompt, gpt: ...]; the prompt's sections are read back.
 
 A column map renames the user's columns to ours before detection ({ours: theirs}).
 A bad row never stops the reader: `read_requests` yields `(row_id, RowError)` for it and goes on.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,8 +170,58 @@ def apply_column_map(row: dict[str, Any], column_map: dict[str, str]) -> dict[st
 
 
 def detect_schema(row: dict[str, Any]) -> str:
-    """'perception' for published Perception/Feedback Collection rows, else 'ours'."""
-    return "perception" if any(k in row for k in _PC_MARKERS) else "ours"
+    """'perception' for published Perception/Feedback Collection rows, 'llava' for LLaVA
+    conversation rows (the published Prometheus-Vision training file), else 'ours'."""
+    if any(k in row for k in _PC_MARKERS):
+        return "perception"
+    return "llava" if isinstance(row.get("conversations"), list) else "ours"
+
+
+# Section headers of Prometheus-family prompts (published and ours), in the order they may appear.
+_SECTIONS = {
+    "instruction": "###The instruction to evaluate:",
+    "response": "###Response to evaluate:",
+    "response_a": "###Response A:",
+    "response_b": "###Response B:",
+    "reference_answer": "###Reference Answer",  # '(Score 5):' in absolute prompts, ':' in relative ones
+    "rubric": "###Score Rubric",  # 'Rubrics:' in absolute prompts, 'Rubric:' in relative ones
+    "feedback": "###Feedback",
+}
+_HEADER = re.compile(r"^###(The instruction to evaluate|Response to evaluate|Response [AB]|Reference Answer"
+                     r"(?: \(Score 5\))?|Score Rubrics?|Feedback)\s*:?[ \t]*\n?", re.M)
+
+
+def split_prompt(text: str) -> dict[str, str]:
+    """Split a rendered Prometheus-style judge prompt back into its parts (the inverse of render,
+    up to wording): instruction, response or response_a/response_b, reference_answer, rubric."""
+    text = text.replace("<image>", "")
+    heads = list(_HEADER.finditer(text))
+    out: dict[str, str] = {}
+    for k, m in enumerate(heads):
+        body = text[m.end(): heads[k + 1].start() if k + 1 < len(heads) else len(text)].strip()
+        head = m.group(0)
+        name = next((n for n, h in _SECTIONS.items() if head.startswith(h)), None)
+        if name and name != "feedback":
+            out[name] = body
+    return out
+
+
+def _conversation_row(row: dict[str, Any], rid: str) -> dict[str, Any]:
+    """A LLaVA conversation row -> our flat row, from the sections of its human turn."""
+    human = next((t.get("value", "") for t in row["conversations"] if isinstance(t, dict)
+                  and t.get("from") in ("human", "user")), "")
+    parts = split_prompt(human)
+    if not parts.get("instruction"):
+        raise RowError(rid, "the human turn has no '###The instruction to evaluate:' section", "conversations")
+    flat: dict[str, Any] = {k: v for k, v in parts.items() if k not in ("response_a", "rubric")}
+    if "response_a" in parts:
+        flat["response"] = parts["response_a"]
+    if parts.get("rubric"):
+        flat["rubric"] = parts["rubric"] if "Score 1" in parts["rubric"] else {"criteria": parts["rubric"]}
+    for k in ("image", "images", "id", "mode"):
+        if k in row:
+            flat[k] = row[k]
+    return flat
 
 
 def _text(row: dict[str, Any], rid: str, name: str, required: bool = True) -> str | None:
@@ -293,7 +346,10 @@ def row_to_request(row: dict[str, Any], index: int, opts: InputOptions, root: st
     row = apply_column_map(row, opts.column_map)
     rid = row_id_of(row, index)
     root = Path(opts.image_root) if opts.image_root is not None else Path(root)
-    if detect_schema(row) == "perception":
+    schema = detect_schema(row)
+    if schema == "llava":
+        row = _conversation_row(row, rid)
+    if schema == "perception":
         pairwise = row.get("orig_response_A") is not None or row.get("orig_response_B") is not None
         instruction = _text(row, rid, "orig_instruction")
         if pairwise:

@@ -48,6 +48,9 @@ def test_captions_by_id_image_key_or_per_image_and_by_function():
     assert by_key.source == "human captions v1"
     by_id = caption_bridge(reqs, {"1": "x", "2": "y", "3": "both"})
     assert by_id[2].instruction.startswith("Image description: both\n\n")
+    on_disk = ImageRef(path=str(Path(__file__).resolve()))
+    assert caption_bridge([req("p", [on_disk])], {on_disk.path: "a file"})[0].instruction.startswith(
+        "Image description: a file\n\n")
     fn = caption_bridge(reqs, lambda im: {A.key: "cat", B.key: "dog"}[im.key])
     assert fn[2].instruction == by_key[2].instruction and fn.source == "function <lambda>"
 

@@ -118,7 +118,7 @@ def _captions_for(requests: Sequence[JudgeRequest], captions: Any) -> tuple[list
             if hit is not None:
                 out.append([hit])
             else:
-                per_image = [captions.get(im.key) for im in r.images]
+                per_image = [captions.get(im.key) or (captions.get(im.path) if im.path else None) for im in r.images]
                 out.append(None if any(c is None for c in per_image) else per_image)  # type: ignore[misc]
         return out, "given captions (mapping)"
     if callable(captions):
@@ -135,7 +135,8 @@ def caption_bridge(requests: Sequence[JudgeRequest], captions: CaptionSource, so
     """Text-only copies of `requests`: images removed, their captions put before the instruction.
 
     Requests without images pass through unchanged. `captions` is a list (one caption per request,
-    describing its images), a mapping (by request id, image-set key, or each image's key), a
+    describing its images), a mapping (by request id, image-set key, or each image's key or
+    resolved path), a
     `Captioner`, or a function ImageRef -> caption. `source` overrides the recorded caption source.
     A request with images but no caption raises ValueError naming every such request.
     """

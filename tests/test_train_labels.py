@@ -112,3 +112,19 @@ def test_text_judge_labels(tiny_text_lm_dir, tmp_path):
     assert all(lab == IGNORE for lab in e.labels[: len(prompt_ids)])
     assert e.labels[len(prompt_ids):] == e.input_ids[len(prompt_ids):]
     assert tok.decode(e.labels[len(prompt_ids):]).strip() == ex[0].target + tok.eos_token
+
+
+def test_processor_settings_filled_from_the_model_config(tiny_llava_dir, sample_images):
+    """llava-1.5 processors may come with patch_size & co unset (transformers 5.x): fill them or
+    the image does not expand to its image tokens."""
+    from PIL import Image
+    from transformers import AutoConfig, AutoProcessor
+
+    from train.model import fix_processor
+
+    proc = AutoProcessor.from_pretrained(str(tiny_llava_dir))
+    proc.patch_size = proc.vision_feature_select_strategy = proc.num_additional_image_tokens = None
+    fix_processor(proc, AutoConfig.from_pretrained(str(tiny_llava_dir)))
+    assert (proc.patch_size, proc.vision_feature_select_strategy, proc.num_additional_image_tokens) == (8, "default", 1)
+    ids = proc(text="<image>\nhi", images=[Image.open(sample_images["rocket"]).convert("RGB")])["input_ids"][0]
+    assert list(ids).count(proc.tokenizer.convert_tokens_to_ids("<image>")) == 16

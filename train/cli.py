@@ -74,5 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     from train.loop import train
 
     res = train(cfg)
-    print(f"judge written to {res.output_dir} after {res.step} steps")
+    if res.is_main:
+        print(f"judge written to {res.output_dir} after {res.step} steps")
     return 0

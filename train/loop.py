@@ -42,6 +42,8 @@ class TrainResult:
     """Non-padding tokens processed by this process."""
     seconds: float = 0.0
     report: LoadReport | None = None
+    is_main: bool = True
+    """False on the non-main processes of a multi-process run."""
     model: Any = field(default=None, repr=False)
     """The trained model (unwrapped, on this process), for in-process use right after training."""
     processor: Any = field(default=None, repr=False)
@@ -119,6 +121,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         except ImportError:
             pass
     acc = Accelerator(
+        cpu=not cuda,  # CPU-only: several processes (torchrun / accelerate launch) then use gloo
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
         log_with=trackers or None, project_dir=str(out / "runs"),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -129,7 +132,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     info = log.info if acc.is_main_process else log.debug
 
     # ---- model ------------------------------------------------------------------------------
-    base = resolve_base(cfg.base_model, out / "_tiny_base")
+    with acc.main_process_first():  # a tiny base is built once, by the main process
+        base = resolve_base(cfg.base_model, out / "_tiny_base")
     model, proc = load_base(base, cfg.kind, dtype=torch.bfloat16 if bf16 else torch.float32,
                             chat_template=cfg.chat_template)
     encoder = Encoder(proc, cfg.kind, cfg.template, max_length=cfg.max_length,
@@ -185,7 +189,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if trackers:
         acc.init_trackers("vlm_judge_train", config={k: str(v) for k, v in cfg.to_dict().items()})
     sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    res = TrainResult(out, step, report=report)
+    res = TrainResult(out, step, report=report, is_main=acc.is_main_process)
     info("training %d steps (%d examples, %d micro-batches/epoch, grad_accum %d, %d process(es), %s)",
          total, len(examples), micro_per_epoch, cfg.grad_accum, acc.num_processes, "bf16" if bf16 else "fp32")
 
@@ -270,5 +274,5 @@ def _checkpoint(acc: Any, out: Path, step: int, micro_done: int, keep: int) -> N
         cks = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         for old in cks[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s", ck)
     acc.wait_for_everyone()
-    log.info("checkpoint %s", ck)

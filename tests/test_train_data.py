@@ -159,3 +159,29 @@ def test_split_prompt_relative():
     parts = split_prompt(text)
     assert parts == {"mode": "relative", "instruction": "Q?", "response_a": "foo", "response_b": "bar",
                      "reference_answer": "ref", "rubric": "Is it right?"}
+
+
+def test_eval_metrics_through_the_scorer(tmp_path):
+    """Parse rate, Pearson, exact agreement and pair accuracy, with scripted judge outputs."""
+    from train.evaluate import evaluate, pearson
+    from vlm_judge.backends.mock import MockBackend
+
+    absolute, pairs = rows_for({"a": "x", "b": "y"})
+    rows = [{k: v for k, v in r.items() if k != "image"} for r in absolute + pairs]
+    exs, _ = load_examples([write_jsonl(rows, tmp_path / "h.jsonl")], RowContext(kind="text"))
+    gold = {ex.request.response: ex.verdict for ex in exs if ex.request.mode == "absolute"}
+
+    def script(prompt, _n):
+        if "###Response A:" in prompt.user:
+            return "Feedback: B names it. [RESULT] B"
+        resp = prompt.user.split("###Response to evaluate:\n")[1].split("\n\n")[0]
+        if resp == "I do not know.":
+            return "no verdict here"
+        return f"Feedback: ok. So the overall score is {gold[resp]}.\n[RESULT] {gold[resp]}"
+
+    m = evaluate(None, None, exs, backend=MockBackend(model="scripted", script=script))
+    assert m["eval/n"] == len(exs) == 10
+    assert m["eval/parse_rate"] == pytest.approx(8 / 10)  # two 'I do not know.' rows do not parse
+    assert m["eval/pearson"] == pytest.approx(1.0) and m["eval/exact"] == 1.0
+    assert m["eval/pair_accuracy"] == 1.0
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)

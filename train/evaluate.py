@@ -73,13 +73,14 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     return sxy / math.sqrt(sxx * syy)
 
 
-def evaluate(model: Any, encoder: Encoder, examples: Sequence[Example], batch_size: int = 8,
-             max_new_tokens: int = 256) -> dict[str, float]:
-    """Parse rate and agreement with the gold verdicts on held-out examples."""
+def evaluate(model: Any, encoder: Encoder | None, examples: Sequence[Example], batch_size: int = 8,
+             max_new_tokens: int = 256, backend: Any = None, template: str | None = None) -> dict[str, float]:
+    """Parse rate and agreement with the gold verdicts on held-out examples (`backend` replaces the
+    in-memory model, e.g. a served judge)."""
     if not examples:
         return {}
-    backend = InMemoryBackend(model, encoder)
-    cfg = ScorerConfig(template=encoder.template, batch_size=batch_size, max_parse_retries=0, swap=False,
+    backend = backend or InMemoryBackend(model, encoder)
+    cfg = ScorerConfig(template=template or (encoder.template if encoder else "default"), batch_size=batch_size, max_parse_retries=0, swap=False,
                        params=GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0))
     judgments = Judge(backend, cfg).grade([ex.request for ex in examples])
     ok = [(j, ex) for j, ex in zip(judgments, examples) if j.status == "ok"]

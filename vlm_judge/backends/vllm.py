@@ -1,0 +1,76 @@
+"""In-process vLLM backend (optional extra: `pip install 'vlm-judge[vllm]'`, needs a GPU).
+
+vLLM brings continuous batching, paged attention and automatic prefix caching (the shared image
++ rubric prefix of a group is computed once without any help from us). Prompts are rendered with
+the model's own chat template through transformers, exactly as the hf backend renders them, and
+images go in as PIL images in `multi_modal_data`.
+
+Not tested in this repository's CI (no GPU, no vllm wheel); the openai backend pointed at
+`vllm serve` is the tested route to vLLM (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from vlm_judge.backends.base import Generation, GenerationParams, Prompt
+from vlm_judge.images import load_image
+
+
+class VLLMBackend:
+    """`model`: a model folder or name vLLM can load; keyword arguments go to `vllm.LLM`
+    (e.g. tensor_parallel_size=2, max_model_len=4096, gpu_memory_utilization=0.9)."""
+
+    def __init__(self, model: str, enable_prefix_caching: bool = True, max_images_per_prompt: int = 4, **kw: Any) -> None:
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError(f"the vllm backend needs vLLM: pip install 'vlm-judge[vllm]' ({e})") from e
+        from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+        self.name = str(model)
+        cfg = AutoConfig.from_pretrained(model)
+        self.vision = getattr(cfg, "vision_config", None) is not None
+        self.templater = AutoProcessor.from_pretrained(model) if self.vision else AutoTokenizer.from_pretrained(model)
+        extra = {"limit_mm_per_prompt": {"image": max_images_per_prompt}} if self.vision else {}
+        self.llm = LLM(model=model, enable_prefix_caching=enable_prefix_caching, **extra, **kw)
+
+    def _text(self, p: Prompt) -> str:
+        msgs: list[dict[str, Any]] = []
+        if self.vision:
+            if p.system:
+                msgs.append({"role": "system", "content": [{"type": "text", "text": p.system}]})
+            msgs.append({"role": "user", "content": [{"type": "image"} for _ in p.images] + [{"type": "text", "text": p.user}]})
+        else:
+            if p.images:
+                raise ValueError(f"{self.name} is a text judge and cannot see images")
+            msgs = ([{"role": "system", "content": p.system}] if p.system else []) + [{"role": "user", "content": p.user}]
+        return self.templater.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + p.assistant_prefix
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
+        """One Generation per prompt; a prompt whose image cannot be read carries its error."""
+        from vllm import SamplingParams
+
+        out: list[Generation | None] = [None] * len(prompts)
+        inputs, where = [], []
+        for i, p in enumerate(prompts):
+            try:
+                item: dict[str, Any] = {"prompt": self._text(p)}
+                if p.images:
+                    item["multi_modal_data"] = {"image": [load_image(r) for r in p.images]}
+            except Exception as e:  # noqa: BLE001 - one bad prompt must not stop the others
+                out[i] = Generation(text=None, error=f"{type(e).__name__}: {e}")
+                continue
+            inputs.append(item)
+            where.append(i)
+        sp = SamplingParams(
+            max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+            seed=params.seed if params.temperature > 0 else None, stop=list(params.stop) or None,
+        )
+        if inputs:
+            for i, res in zip(where, self.llm.generate(inputs, sp, use_tqdm=False)):
+                o = res.outputs[0]
+                out[i] = Generation(text=o.text, prompt_tokens=len(res.prompt_token_ids or []),
+                                    completion_tokens=len(o.token_ids))
+        return [g or Generation(text=None, error="not generated") for g in out]

@@ -125,13 +125,15 @@ def test_bad_rows_counted_or_fail(tmp_path, sample_images):
         {**absolute[3], "image": str(tmp_path / "nope.png")},
         {k: v for k, v in absolute[0].items() if k != "orig_score3_description"},
     ]
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    rows.append({**absolute[0], "image": str(tmp_path / "corrupt.png")})
     path = write_jsonl(rows, tmp_path / "bad.jsonl")
     with path.open("a") as f:
         f.write("{not json\n")
     ctx = RowContext(allowed_image_dirs=[str(sample_images["coffee"].parent), str(tmp_path)])
     exs, rep = load_examples([path], ctx)
-    assert rep.rows == 6 and rep.examples == 1
-    assert rep.skipped == {"missing field": 3, "unreadable image": 1, "bad json": 1}
+    assert rep.rows == 7 and rep.examples == 1
+    assert rep.skipped == {"missing field": 3, "unreadable image": 2, "bad json": 1}
     assert any("bad.jsonl:4: missing field: orig_score3_description" in e for e in rep.first_errors)
     with pytest.raises(RowError, match=r"bad.jsonl:1: missing field: orig_score"):
         load_examples([path], ctx, on_bad_row="fail")

@@ -128,3 +128,10 @@ def test_processor_settings_filled_from_the_model_config(tiny_llava_dir, sample_
     assert (proc.patch_size, proc.vision_feature_select_strategy, proc.num_additional_image_tokens) == (8, "default", 1)
     ids = proc(text="<image>\nhi", images=[Image.open(sample_images["rocket"]).convert("RGB")])["input_ids"][0]
     assert list(ids).count(proc.tokenizer.convert_tokens_to_ids("<image>")) == 16
+
+
+def test_cheap_length_matches_the_encoding(llava, examples, tiny_text_lm_dir):
+    model, proc = llava
+    enc = Encoder(proc, "vision", image_token_id=model.config.image_token_id)
+    for ex in examples:
+        assert enc.length(ex) == len(enc.encode(ex).input_ids)

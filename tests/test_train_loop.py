@@ -178,12 +178,12 @@ def test_full_finetune_freezes_vision_tower(tiny_llava_dir, data, tmp_path):
 
 
 def test_grad_accum_checkpointing_and_projector(tiny_llava_dir, data, tmp_path):
-    """4 micro-batches with grad_accum=2 are 2 optimizer steps; a LoRA run with train_projector
-    trains the projector (modules_to_save) and leaves the vision tower alone."""
+    """4 micro-batches with grad_accum=2 are 2 optimizer steps (rows encoded in a worker process); a
+    LoRA run with train_projector trains the projector (modules_to_save) and leaves the vision tower alone."""
     from transformers import AutoModelForImageTextToText
 
     cfg = _cfg(tiny_llava_dir, data, tmp_path / "acc", max_steps=2, grad_accum=2, gradient_checkpointing=True,
-               train_projector=True, max_rows=8)
+               train_projector=True, max_rows=8, dataloader_workers=1)
     res = train(cfg)
     assert res.step == 2 and len(res.losses) == 2
     base = AutoModelForImageTextToText.from_pretrained(str(tiny_llava_dir)).state_dict()
@@ -211,3 +211,21 @@ def test_text_judge_trains_on_pairs_and_scores(tiny_text_lm_dir, tmp_path):
     judge = Judge.load(str(res.output_dir), config=ScorerConfig(max_parse_retries=0, params=GenerationParams(max_new_tokens=6)))
     out = judge.relative_grade(["Which is right?"], ["A cat."], ["A dog."], "Does it name the animal?")
     assert out[0].mode == "relative" and out[0].raw_output
+
+
+def test_row_failing_at_training_time_is_replaced(caplog):
+    from train.data import RowError
+    from train.loop import _EncodedDataset
+
+    class Enc:
+        def encode(self, ex):
+            if ex == "bad":
+                raise RowError("unreadable image: truncated")
+            return ex
+
+    class Ex(str):
+        source = "rows.jsonl:1"
+
+    ds = _EncodedDataset([Ex("bad"), Ex("good")], Enc())
+    assert ds[0] == "good" and ds[1] == "good"
+    assert "skipping rows.jsonl:1 at training time: unreadable image" in caplog.text

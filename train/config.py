@@ -74,6 +74,8 @@ class TrainConfig:
     reference_dropout: float = 0.0
     """Probability of dropping the reference answer from a training row (judges then work without one)."""
     max_rows: int | None = None
+    dataloader_workers: int = 0
+    """Worker processes that encode rows (chat template, tokenizer, image preprocessing) while the GPU trains."""
 
     # ---- optimisation ---------------------------------------------------------------------
     output_dir: str = "judge-out"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vlm_judge.images import load_image, resolve_image
+from vlm_judge.images import resolve_image
 from vlm_judge.parse import parse_output
 from vlm_judge.prompts import format_target, swapped
 from vlm_judge.records import JudgeRequest, RecordError, Rubric, Verdict
@@ -245,11 +245,25 @@ def _images(row: dict[str, Any], ctx: RowContext, data_dir: Path) -> tuple:
         try:
             ref = resolve_image(v, root=root, rewrites=ctx.image_rewrites, allowed=allowed)
             if ctx.check_images:
-                load_image(ref)
+                _check_image(ref)
         except RecordError as e:
             raise RowError(f"unreadable image: {e}") from e
         refs.append(ref)
     return tuple(refs)
+
+
+def _check_image(ref: Any) -> None:
+    """Cheap readability check (header and file integrity, no pixel decoding): a dataset of 100k
+    images is checked in seconds. A file that still fails to decode is skipped at training time."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(ref.path if ref.path else io.BytesIO(ref.data)) as im:
+            im.verify()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        raise RowError(f"unreadable image: cannot decode {ref!r}: {type(e).__name__}: {e}") from e
 
 
 def row_to_examples(row: dict[str, Any], source: str, ctx: RowContext, data_dir: Path) -> list[Example]:

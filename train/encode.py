@@ -56,6 +56,7 @@ class Encoder:
         self.max_length = max_length
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_token_id = image_token_id
+        self._fixed_image_tokens: int | None = None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -76,8 +77,8 @@ class Encoder:
 
     # -- encoding -----------------------------------------------------------------------------
 
-    def encode(self, ex: Example) -> Encoded:
-        """Ids and labels for one example; RowError for over-length rows or unreadable images."""
+    def _texts(self, ex: Example) -> tuple[Prompt, str, str, bool]:
+        """(rendered prompt, prompt text, prompt + target text, whether the tokenizer adds specials)."""
         prompt = render(ex.request, self.template)
         vision = self.kind == "vision"
         msgs = chat_messages(prompt, vision, self.use_system)
@@ -87,7 +88,37 @@ class Encoder:
         if not full_text.startswith(prompt_text):
             # templates whose assistant turn does not extend the generation prompt: append by hand
             full_text = prompt_text + ex.target + (self.tokenizer.eos_token or "")
-        add_special = self._add_special(full_text)
+        return prompt, prompt_text, full_text, self._add_special(full_text)
+
+    def _image_tokens(self, ref: Any) -> int | None:
+        """How many tokens one image expands to (fixed per processor for LLaVA-1.5; measured once)."""
+        if self._fixed_image_tokens is not None:
+            return self._fixed_image_tokens
+        if self.image_token_id is None:
+            return None
+        img_tok = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        ids = self.processor(text=img_tok, images=[load_image(ref)], add_special_tokens=False)["input_ids"][0]
+        n = list(ids).count(self.image_token_id)
+        if type(self.processor).__name__ == "LlavaProcessor":  # fixed resolution: same count for every image
+            self._fixed_image_tokens = n
+        return n
+
+    def length(self, ex: Example) -> int:
+        """Sequence length of the encoded example without preprocessing its pixels (cheap check for
+        over-length rows before training); equals len(encode(ex).input_ids)."""
+        prompt, _, full_text, add_special = self._texts(ex)
+        n = len(self.tokenizer(full_text, add_special_tokens=add_special)["input_ids"])
+        if self.kind == "vision" and prompt.images:
+            per = self._image_tokens(prompt.images[0])
+            if per is None:
+                return len(self.encode(ex).input_ids)
+            n += len(prompt.images) * (per - 1)
+        return n
+
+    def encode(self, ex: Example) -> Encoded:
+        """Ids and labels for one example; RowError for over-length rows or unreadable images."""
+        prompt, prompt_text, full_text, add_special = self._texts(ex)
+        vision = self.kind == "vision"
         # how many tokens the target takes: tokenize the unexpanded text once with offsets
         enc = self.tokenizer(full_text, add_special_tokens=add_special, return_offsets_mapping=True)
         n_prompt = sum(1 for (s, e) in enc["offset_mapping"] if e <= len(prompt_text) and not (s == e and s > 0))

@@ -8,6 +8,7 @@ position in the data are checkpointed, so a resumed run continues where it stopp
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -59,15 +60,25 @@ class _EncodedDataset:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> Any:
-        return self.encoder.encode(self.examples[i])
+        # a row that passed the cheap checks but fails now (e.g. an image that does not decode) is
+        # replaced by the next one, with a log line, instead of stopping a long run
+        for k in range(len(self.examples)):
+            ex = self.examples[(i + k) % len(self.examples)]
+            try:
+                return self.encoder.encode(ex)
+            except RowError as e:
+                log.warning("skipping %s at training time: %s", ex.source, e)
+        raise RowError("no example could be encoded")
 
 
 def _validate(examples: list[Example], encoder: Encoder, cfg: TrainConfig, report: LoadReport) -> list[Example]:
-    """Drop examples that cannot be encoded (over-length prompts, undecodable images), counted."""
+    """Drop over-length examples, counted (token counts only: pixels are not preprocessed here)."""
     kept = []
     for ex in examples:
         try:
-            encoder.encode(ex)
+            n = encoder.length(ex)
+            if n > cfg.max_length:
+                raise RowError(f"over-length: {n} tokens > max_length {cfg.max_length}")
         except RowError as e:
             if cfg.on_bad_row == "fail":
                 raise RowError(f"{ex.source}: {e}") from e
@@ -163,7 +174,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     dl = torch.utils.data.DataLoader(
         _EncodedDataset(examples, encoder), batch_size=cfg.per_device_batch_size, shuffle=True,
-        collate_fn=lambda b: collate(b, pad_id), generator=gen,
+        collate_fn=functools.partial(collate, pad_id=pad_id), generator=gen, num_workers=cfg.dataloader_workers,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -172,3 +172,11 @@ def test_over_long_prompt_fails_its_row_only(text_lm):
     gens = text_lm.generate([Prompt(user="word " * 5000), Prompt(user="short")], GREEDY)
     assert gens[0].text is None and "context" in gens[0].error
     assert gens[1].error is None
+
+
+def test_from_model_wraps_a_model_in_memory(llava, sample_images):
+    from vlm_judge.backends.hf import HFBackend
+
+    be = HFBackend.from_model(llava.model, llava.processor, name="mem", min_new_tokens=8)
+    prompts = [Prompt(user="What is it?", images=_img(sample_images["coffee"]))]
+    assert be.generate(prompts, GREEDY)[0].text == llava.generate(prompts, GREEDY)[0].text

@@ -97,6 +97,30 @@ class HFBackend:
         self._image_cache: OrderedDict[str, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
         self._load(str(model), device, dtype, merge_adapter, kw)
 
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, name: str = "in-memory", **options: Any) -> HFBackend:
+        """Wrap a model already in memory (a training loop's, or a benchmark's random 7B) with its
+        processor (vision) or tokenizer (text); `options` as for the constructor, minus loading ones."""
+        self = cls.__new__(cls)
+        defaults = dict(batch_size=32, max_batch_tokens=65536, prefix_reuse=True, min_prefix_tokens=16, min_new_tokens=0)
+        for k, v in {**defaults, **options}.items():
+            setattr(self, k, v)
+        self.name = name
+        self._image_cache = OrderedDict()
+        self.kind = "vision" if getattr(model.config, "vision_config", None) is not None else "text"
+        self.model = model.eval()
+        self.dtype = model.dtype
+        if self.kind == "vision":
+            self.processor, self.tokenizer = processor, processor.tokenizer
+            self._fix_llava_processor(model.config)
+            self.image_token = getattr(processor, "image_token", "<image>")
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        else:
+            self.processor, self.tokenizer = None, processor
+            self.image_token, self.image_token_id = None, None
+        self._setup(model.config)
+        return self
+
     # ---- loading --------------------------------------------------------------------------
 
     def _load(self, model: str, device: str | None, dtype: Any, merge_adapter: bool, kw: dict[str, Any]) -> None:
@@ -153,6 +177,10 @@ class HFBackend:
         if "device_map" not in kw:
             net = net.to(device)
         self.model = net.eval()
+        self._setup(config)
+
+    def _setup(self, config: Any) -> None:
+        """Device, end-of-sequence and padding ids, context length: what generation needs."""
         self.device = self.model.get_input_embeddings().weight.device
 
         gc = self.model.generation_config

@@ -71,6 +71,8 @@ class DemoConfig:
     examples: bool = True
     """Grade a few answers about real photos with the vision judge at the end."""
     seed: int = 0
+    judges: tuple[str, ...] = JUDGES
+    """Which of 'vision', 'caption', 'blind' to train and grade (all three for the learning proof)."""
     stages: tuple[str, ...] = ("data", "models", "train", "eval", "examples")
 
     @classmethod
@@ -83,7 +85,7 @@ class DemoConfig:
     @classmethod
     def tiny(cls, **kw: Any) -> DemoConfig:
         """CI size: a tiny random LM instead of SmolLM2, short runs."""
-        base = dict(lm="tiny", train_questions=300, test_questions=24, vision_steps=400, steps=300,
+        base = dict(lm="tiny", train_questions=300, test_questions=24, vision_steps=600, steps=300,
                     batch_size=16, lr=2e-3, examples=False)
         base.update(kw)
         return cls(**base)
@@ -137,6 +139,14 @@ def _easyvqa(split: str) -> tuple[list[Any], list[Any]]:
     return _EASYVQA[split]
 
 
+def _cache_dir() -> Path:
+    """Where converted weights are kept between runs ($VLM_JUDGE_CACHE, else ~/.cache/vlm-judge)."""
+    import os
+
+    root = os.environ.get("VLM_JUDGE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "vlm-judge")
+    return Path(root).expanduser()
+
+
 def _easyvqa_dir() -> str:
     """The folder holding easy-vqa's images (inside the installed package)."""
     import easy_vqa
@@ -162,14 +172,15 @@ def _pick_questions(images: list[Any], n: int, rng: random.Random) -> list[tuple
     return (first + rest)[:n]
 
 
-def caption_instruction(instruction: str, caption: str) -> str:
+def caption_instruction(instruction: str, caption: str, image: str) -> str:
     """The instruction a caption text judge sees: through the shared caption bridge (text_judge's,
-    via eval.captions), so the demo renders captions exactly as `vlm-judge eval` does."""
+    via eval.captions), so the demo trains on captions laid out exactly as `vlm-judge eval` shows them."""
     from eval.captions import caption_bridge
     from perception_collection.vqa_teacher import RUBRIC
+    from vlm_judge.images import resolve_image
     from vlm_judge.records import JudgeRequest
 
-    req = JudgeRequest(instruction=instruction, response="-", rubric=RUBRIC)
+    req = JudgeRequest(instruction=instruction, response="-", rubric=RUBRIC, images=(resolve_image(image),))
     return caption_bridge([req], [caption])[0].instruction
 
 
@@ -208,7 +219,7 @@ def build_data(cfg: DemoConfig, out: Path, progress: Progress) -> dict[str, Any]
                     rows["test"].append({**r, "id": f"{im.id}-{q.asks}-{k}", "caption": im.caption,
                                          "category": f"asks {q.asks}"})
                 continue
-            cap_instr = caption_instruction(q.question, im.caption)
+            cap_instr = caption_instruction(q.question, im.caption, im.path)
             for r in graded:
                 rows["vision"].append(r)
                 text_row = {k: v for k, v in r.items() if k != "image"}
@@ -270,7 +281,7 @@ def build_bases(cfg: DemoConfig, out: Path, info: dict[str, Any], progress: Prog
     bases = out / "bases"
     res: dict[str, Any] = {}
     if cfg.lm == "smollm2":
-        loaded = load_pretrained_lm(cfg.lm_layers, progress=progress)
+        loaded = load_pretrained_lm(cfg.lm_layers, progress=progress, cache_dir=_cache_dir() / f"smollm2-{cfg.lm_layers}layers")
         lm, tok = loaded.model, loaded.tokenizer
         res["lm"] = f"SmolLM2-135M-Instruct (first {loaded.layers_kept} of {loaded.layers_total} layers)"
         res["lm_load_seconds"] = round(loaded.seconds, 1)
@@ -374,7 +385,7 @@ def train_judges(cfg: DemoConfig, out: Path, info: dict[str, Any], bases: dict[s
     from train.loop import train
 
     res: dict[str, Any] = {}
-    for name in JUDGES:
+    for name in cfg.judges:
         kind = "vision" if name == "vision" else "text"
         tc = TrainConfig(
             base_model=bases["vision_base" if kind == "vision" else "text_base"], kind=kind, template=TEMPLATE,
@@ -436,18 +447,18 @@ def evaluate_judges(cfg: DemoConfig, out: Path, info: dict[str, Any], trained: d
     from vlm_judge.scorer import Judge, ScorerConfig
 
     judges = {}
-    for name in JUDGES:
+    for name in cfg.judges:
         j = Judge.load(trained[name]["folder"])
         j.config = ScorerConfig(template=j.config.template, batch_size=16, max_parse_retries=0,
                                 params=GenerationParams(max_new_tokens=cfg.max_new_tokens))
         judges[SPECS[name]] = _blind(j) if name == "blind" else j
-    ecfg = EvalConfig(bench=info["paths"]["test"], judges=[SPECS[n] for n in JUDGES], out=str(out / "report"),
+    ecfg = EvalConfig(bench=info["paths"]["test"], judges=[SPECS[n] for n in cfg.judges], out=str(out / "report"),
                       format="perception", image_root=_easyvqa_dir(), n_boot=1000, seed=cfg.seed, batch_size=16, max_parse_retries=0)
     progress(f"grading {info['test_rows']} held-out responses with each judge")
     t0 = time.perf_counter()
     res = run_eval(ecfg, judges=judges)
     secs = time.perf_counter() - t0
-    for name in JUDGES:
+    for name in cfg.judges:
         if SPECS[name] != REPORT_LABEL[name]:
             res["judgments"] = _relabel(res["judgments"], SPECS[name], REPORT_LABEL[name])
             for key in ("metrics", "paired", "probes", "expected"):
@@ -457,7 +468,7 @@ def evaluate_judges(cfg: DemoConfig, out: Path, info: dict[str, Any], trained: d
         "text:caption-text-judge reads a caption stating the shape's size, colour and kind.")
     report = write_report(res, out / "report")
     headline = {}
-    for name in JUDGES:
+    for name in cfg.judges:
         m = res["metrics"][REPORT_LABEL[name]].get("overall", {}).get("absolute", {})
         headline[name] = {
             "pearson": _val(m.get("pearson")), "exact": _val(m.get("exact")),
@@ -557,7 +568,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     if "eval" in cfg.stages:
         progress.stage("eval")
         summary["eval"] = evaluate_judges(cfg, out, info, trained, progress)
-    if cfg.examples and "examples" in cfg.stages:
+    if cfg.examples and "examples" in cfg.stages and "vision" in trained:
         progress.stage("examples")
         summary["photos"] = score_photos(cfg, out, trained, progress)
     progress.end_stage()
@@ -578,7 +589,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
                   f"Held-out easy-vqa test images, {s['data']['test_rows']} graded responses whose text alone does "
                   "not reveal the score. Agreement with the gold scores:", "",
                   "| judge | Pearson | exact agreement | within one | parse failures |", "|---|---|---|---|---|"]
-        for name in JUDGES:
+        for name in ev["headline"]:
             h = ev["headline"][name]
             lines.append(f"| {LABELS[name]} | {_fmt(h['pearson'])} | {_fmt(h['exact'])} | {_fmt(h['within_one'])} | "
                          f"{_fmt(h['parse_failure_rate'])} |")

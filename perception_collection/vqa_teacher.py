@@ -97,25 +97,20 @@ def describe(facts: Mapping[str, str]) -> str:
     return f"{_article(words)} {words}"
 
 
-def _is(fact: str, value: str) -> str:
-    """'the shape is small' / 'the shape is a circle'."""
-    return f"the shape is {_article(value)} {value}" if fact == "shape" else f"the shape is {value}"
-
-
 def feedback_for(
     question_asks: str, gold: str, facts: Mapping[str, str], claims: Mapping[str, str], stated: Sequence[str]
 ) -> str:
     """Feedback citing the gold answer, then each claim of the response set against the image.
 
-    Each check puts the claim, what the image shows and the verdict side by side, so the verdict
-    follows from the two words right before it (a small judge learns such local checks fastest).
+    Each check puts the claim, what the image shows and the verdict side by side ('Size small,
+    image large: wrong.'), so a verdict follows from the two words right before it: a small judge
+    learns such local checks fastest, and short feedback keeps CPU training cheap.
     """
     def verdict(ok: bool) -> str:
         return "right" if ok else "wrong"
 
-    parts = [f"The response answers {claims['answer']} and the correct answer is {gold}: "
-             f"{verdict(claims['answer'] == gold)}."]
-    parts += [f"It says {claims[k]} and {_is(k, facts[k])}: {verdict(claims[k] == facts[k])}." for k in stated]
+    parts = [f"Answer {claims['answer']}, correct answer {gold}: {verdict(claims['answer'] == gold)}."]
+    parts += [f"{k.capitalize()} {claims[k]}, image {facts[k]}: {verdict(claims[k] == facts[k])}." for k in stated]
     return " ".join(parts)
 
 

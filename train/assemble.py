@@ -81,19 +81,29 @@ def load_pretrained_lm(
     folder: str | Path | None = None,
     gguf_file: str | None = None,
     progress: Callable[[str], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> LoadedLM:
     """Load a GGUF causal LM (default: SmolLM2-135M-Instruct) as a plain float32 transformers model.
 
     num_layers: keep only the first N decoder layers (None: all). The weights are copied into a
     fresh model built from the config minus its `quantization_config`, because a model loaded from
     GGUF refuses `save_pretrained`.
+    cache_dir: where the converted model is saved; a later call with the same folder loads it from
+    there instead of dequantizing the GGUF again.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    t0 = time.perf_counter()
+    if cache_dir is not None and (Path(cache_dir) / "config.json").is_file():
+        _log(progress, f"loading the converted model from {cache_dir}")
+        model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(cache_dir)
+        tok.chat_template = CHATML_TEMPLATE
+        total = int(getattr(model.config, "vlm_judge_layers_total", model.config.num_hidden_layers))
+        return LoadedLM(model.eval(), tok, time.perf_counter() - t0, model.config.num_hidden_layers, total)
     if folder is None:
         folder, gguf_file = locate_smollm2()
-    t0 = time.perf_counter()
     _log(progress, f"loading {gguf_file} (dequantizing GGUF)")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
@@ -123,6 +133,9 @@ def load_pretrained_lm(
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.do_sample = False
+    model.config.vlm_judge_layers_total = total
+    if cache_dir is not None:
+        save_model_folder(model, tok, cache_dir)
     return LoadedLM(model.eval(), tok, time.perf_counter() - t0, keep, total)
 
 
@@ -217,6 +230,27 @@ def pretrain_vision_tower(
 
     t0 = time.perf_counter()
     tower.train()
+    threads = torch.get_num_threads()
+    # ops this small gain nothing from a second thread, and on a busy CPU thread hand-offs cost more
+    torch.set_num_threads(1)
+    try:
+        _train_heads(tower, heads, pooled, pix, ys, tr, opt, sched, steps, batch_size, progress)
+    finally:
+        torch.set_num_threads(threads)
+    tower.eval()
+    with torch.no_grad():
+        f = pooled(pix[val])
+        acc = {k: float((heads[k](f).argmax(-1) == ys[k][val]).float().mean()) for k in heads}
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    return TowerReport(acc, steps, time.perf_counter() - t0)
+
+
+def _train_heads(tower: Any, heads: Any, pooled: Any, pix: Any, ys: Any, tr: Any, opt: Any, sched: Any,
+                 steps: int, batch_size: int, progress: Callable[[str], None] | None) -> None:
+    import torch
+    from torch import nn
+
     for step in range(steps):
         idx = tr[torch.randint(len(tr), (batch_size,))]
         f = pooled(_augment(pix[idx]))
@@ -227,13 +261,6 @@ def pretrain_vision_tower(
         sched.step()
         if progress and (step + 1) % max(1, steps // 5) == 0:
             _log(progress, f"vision tower step {step + 1}/{steps} loss {loss.item():.3f}")
-    tower.eval()
-    with torch.no_grad():
-        f = pooled(pix[val])
-        acc = {k: float((heads[k](f).argmax(-1) == ys[k][val]).float().mean()) for k in heads}
-    for p in tower.parameters():
-        p.requires_grad_(False)
-    return TowerReport(acc, steps, time.perf_counter() - t0)
 
 
 def _augment(px: Any) -> Any:

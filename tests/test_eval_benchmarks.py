@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from eval.benchmarks import DEFAULT_RUBRIC, load_benchmark, normalize_preference, parse_column_map
+from tests.samples import PROMETHEUS_VISION
 
-SAMPLES = Path("/work/shared/samples/prometheus-vision/sample_eval_data.jsonl")
+SAMPLES = PROMETHEUS_VISION / "sample_eval_data.jsonl"
 
 
 def _write(path: Path, rows: list) -> Path:

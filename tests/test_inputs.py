@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.samples import PROMETHEUS_VISION
 from vlm_judge.images import load_image
 from vlm_judge.inputs import InputOptions, RowError, load_rubrics, read_requests
 from vlm_judge.records import JudgeRequest, Rubric
 
-SAMPLES = next((p for p in (Path(__file__).parent / "data" / "prometheus-vision",
-                            Path("/work/shared/samples/prometheus-vision")) if p.is_dir()), Path("missing"))
+SAMPLES = PROMETHEUS_VISION
 RUBRIC = {"criteria": "Is the colour right?", **{f"score{i}_description": f"level {i}" for i in range(1, 6)}}
 
 
@@ -174,7 +174,6 @@ def test_rubric_files(tmp_path):
 
 # ---- the real published rows ------------------------------------------------------------------
 
-needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="published sample rows not present")
 
 
 @pytest.fixture
@@ -190,7 +189,6 @@ def published(tmp_path, sample_images) -> Path:
     return data / "eval.jsonl"
 
 
-@needs_samples
 def test_published_rows_are_refused_until_their_paths_are_pointed_at_allowed_folders(published):
     refused = read(published)
     assert len(refused) == 3 and all(isinstance(e, RowError) and e.field == "image" for e in refused.values())
@@ -246,7 +244,6 @@ def test_split_prompt_inverts_render(template, relative, ref):
     assert (Rubric.from_text(parts["rubric"]) if not relative else Rubric(parts["rubric"])) == rb
 
 
-@needs_samples
 def test_published_llava_training_rows_are_read_from_their_prompt_sections(tmp_path, sample_images):
     data = tmp_path / "data"
     (tmp_path / "mmmu").mkdir()

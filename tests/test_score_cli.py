@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.samples import PROMETHEUS_VISION
 from vlm_judge.backends import register_backend
 from vlm_judge.backends.mock import MockBackend
 from vlm_judge.cli import main as vlm_main
@@ -125,10 +126,7 @@ def test_a_killed_run_resumes_from_its_partial_file(data):
 
 
 def test_published_rows_through_the_cli_with_an_image_rewrite(tmp_path, sample_images):
-    src = next((p for p in (Path(__file__).parent / "data" / "prometheus-vision",
-                            Path("/work/shared/samples/prometheus-vision")) if p.is_dir()), None)
-    if src is None:
-        pytest.skip("published sample rows not present")
+    src = PROMETHEUS_VISION
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(src / "sample_eval_data.jsonl", data / "eval.jsonl")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.samples import PROMETHEUS_VISION
 from text_judge import BackendCaptioner, TextJudge, bridge_instruction, caption_bridge, perception_to_feedback
 from text_judge.judge import REFUSED
 from vlm_judge.backends import get_backend
@@ -17,8 +18,7 @@ from vlm_judge.prompts import render
 from vlm_judge.records import ImageRef, JudgeRequest, Rubric
 
 RUBRIC = Rubric("Is the answer right about the photo?", ("no", "barely", "partly", "mostly", "fully"))
-SAMPLES = next((p for p in (Path(__file__).parent / "data" / "prometheus-vision",
-                            Path("/work/shared/samples/prometheus-vision")) if p.is_dir()), Path("missing"))
+SAMPLES = PROMETHEUS_VISION
 
 
 def req(rid: str, images=()) -> JudgeRequest:
@@ -115,7 +115,6 @@ def test_presets_pick_the_published_model():
     assert j.judge == "prometheus-eval/prometheus-7b-v2.0"
 
 
-@pytest.mark.skipif(not SAMPLES.is_dir(), reason="published sample rows not present")
 def test_perception_rows_become_feedback_collection_rows_a_text_judge_reads_like_the_bridge(tmp_path, sample_images):
     rows = [json.loads(x) for x in (SAMPLES / "sample_eval_data.jsonl").read_text().splitlines()]
     captions = {rows[0]["image"]: "A skeletal formula of an amino acid.", rows[1]["image"]: "Coloured balls and sticks."}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.samples import PROMETHEUS_VISION
 from train.data import (
     RowContext,
     RowError,
@@ -20,11 +20,9 @@ from train.debug_data import rows_for, write_jsonl
 from vlm_judge.parse import parse_output
 from vlm_judge.prompts import render
 
-SAMPLES = Path("/work/shared/samples/prometheus-vision")
-needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="published sample rows not on this machine")
+SAMPLES = PROMETHEUS_VISION
 
 
-@needs_samples
 def test_published_llava_conversation_rows(sample_images):
     raw = json.loads((SAMPLES / "sample_train_data.json").read_text())
     # the published rows point at ../mmmu/361.png: a prefix rewrite points them at a real photo
@@ -48,14 +46,12 @@ def test_published_llava_conversation_rows(sample_images):
     assert e.request.images[0].path == str(sample_images["astronaut"].resolve())
 
 
-@needs_samples
 def test_published_paths_that_climb_out_are_refused_by_default():
     exs, rep = load_examples([SAMPLES / "sample_train_data.json"], RowContext())
     assert not exs and rep.skipped["unreadable image"] == 3
     assert "outside the allowed folders" in rep.first_errors[0]
 
 
-@needs_samples
 def test_published_eval_rows_have_no_gold_score():
     # eval rows name the response `original_response` and carry no score: not training rows
     exs, rep = load_examples([SAMPLES / "sample_eval_data.jsonl"], RowContext(check_images=False, allowed_image_dirs=["/"]))

@@ -1,7 +1,7 @@
 """Seed rubrics: the hand-written, fine-grained rubrics the teacher sees before it writes
 image-specific ones.
 
-The package ships `seed_rubrics.yaml` (about 60 rubrics across grounding, counting, OCR, charts,
+The package ships `seed_rubrics.yaml` (about 60 rubrics in 35 categories: grounding, counting, OCR, charts,
 hallucination, domain knowledge, safety, privacy, ...). A user may pass their own file in the same
 shape::
 

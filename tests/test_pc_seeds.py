@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from perception_collection.seeds import SeedError, load_seeds, sample_seeds
+from tests.samples import PROMETHEUS_VISION
 from vlm_judge.prompts import render
 from vlm_judge.records import JudgeRequest, Rubric
 
-SAMPLES = Path("/work/shared/samples/prometheus-vision")
+SAMPLES = PROMETHEUS_VISION
 
 REQUIRED_TOPICS = [
     "grounding", "counting", "spatial", "ocr", "charts", "tables", "attributes", "hallucination",

@@ -1,0 +1,215 @@
+"""Append-only JSONL files that survive a killed run, and the concurrent task loop the stages share.
+
+A stage writes all records of one parent item (the rubrics of one image, the five responses of one
+instruction) together, each line tagged with `_of` = how many lines the item wrote. On resume an
+item counts as done only when all its lines are there: a torn last line or a half-written item
+from a killed run is discarded (and the file is compacted), never half-used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from perception_collection.rows import Drop, TeacherError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+GROUP_KEY = "_of"
+"""Line field: number of lines its item wrote (used to detect half-written items)."""
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All parseable object lines; a torn or garbled line (a killed writer) is skipped."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    with p.open("r", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+    return out
+
+
+class JsonlWriter:
+    """Thread-safe appender: one `write_group` call writes one item's lines and flushes them."""
+
+    def __init__(self, path: str | Path, truncate: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not truncate:
+            _cut_torn_tail(self.path)
+        self._f = self.path.open("w" if truncate else "a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def write(self, obj: dict[str, Any]) -> None:
+        self.write_group([obj], tag=False)
+
+    def write_group(self, objs: list[dict[str, Any]], tag: bool = True) -> None:
+        """Write the lines of one item in one go (tagged with `_of` so a partial item is detectable)."""
+        if not objs:
+            return
+        n = len(objs)
+        text = "".join(json.dumps({**o, GROUP_KEY: n} if tag else o, ensure_ascii=False) + "\n" for o in objs)
+        with self._lock:
+            self._f.write(text)
+            self._f.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._f.closed:
+                self._f.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (a killed write), so appends start on a fresh line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return
+        # walk back to the last newline
+        pos = size
+        chunk = 4096
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            buf = f.read(pos - start)
+            i = buf.rfind(b"\n")
+            if i >= 0:
+                f.truncate(start + i + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
+def load_groups(path: str | Path, parent_key: str) -> dict[str, list[dict[str, Any]]]:
+    """Complete items of a stage file, by parent id; half-written items are dropped and the file
+    is rewritten without them (and without duplicate items from an earlier bug or a manual merge)."""
+    rows = read_jsonl(path)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(parent_key)), []).append(r)
+    complete: dict[str, list[dict[str, Any]]] = {}
+    changed = False
+    for parent, items in groups.items():
+        n = items[0].get(GROUP_KEY, len(items))
+        if len(items) == n:
+            complete[parent] = items
+        elif len(items) > n and n > 0:  # the same item written twice: keep the first copy
+            complete[parent] = items[:n]
+            changed = True
+        else:
+            changed = True
+    if changed or (Path(path).is_file() and _has_torn_tail(Path(path))):
+        tmp = Path(str(path) + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for items in complete.values():
+                for r in items:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    return complete
+
+
+def _has_torn_tail(path: Path) -> bool:
+    if path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+def strip_tags(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored line without the store's own fields (ready for a record's from_dict)."""
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+def run_concurrently(
+    items: Iterable[T],
+    fn: Callable[[T], R],
+    concurrency: int,
+    desc: str,
+    progress: bool = True,
+    total: int | None = None,
+) -> Iterator[tuple[T, R | None, BaseException | None]]:
+    """Run fn over items with at most `concurrency` in flight; yield (item, result, error) as each
+    finishes, so the caller can save it at once. An `Exception` is yielded as the error; anything
+    else (KeyboardInterrupt, SystemExit) stops the loop, cancels what has not started, and propagates.
+    """
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    bar = tqdm(total=total if total is not None else len(items), desc=desc, disable=not progress, unit="item",
+               dynamic_ncols=True, leave=True)
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix=f"pc-{desc}")
+    pending: dict[Future, T] = {}
+    it = iter(items)
+    try:
+        # submit lazily: a kill loses at most `concurrency` items in flight, and memory stays flat
+        for item in it:
+            pending[pool.submit(fn, item)] = item
+            if len(pending) >= concurrency * 2:
+                break
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                item = pending.pop(fut)
+                err = fut.exception()
+                if err is not None and not isinstance(err, Exception):
+                    raise err
+                bar.update(1)
+                yield item, (None if err else fut.result()), err
+            for item in it:
+                pending[pool.submit(fn, item)] = item
+                if len(pending) >= concurrency * 2:
+                    break
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+
+
+@dataclass
+class StageResult(Generic[T]):
+    """What one stage ended with: all its records (resumed + new), and its drops of this run."""
+
+    records: list[T]
+    drops: list[Drop]
+    resumed: int = 0
+    """Parent items found complete from an earlier run (no teacher call made for them)."""
+    done: int = 0
+    """Parent items completed in this run."""
+
+
+def open_drops(run_dir: Path, stage: str) -> JsonlWriter:
+    """This run's drop file for a stage. Started afresh: dropped items are retried on each run
+    (from the cache when the failure was in the teacher's text, so a repeat costs nothing)."""
+    return JsonlWriter(Path(run_dir) / "drops" / f"{stage}.jsonl", truncate=True)
+
+
+def reason_of(err: BaseException) -> str:
+    """A Drop reason: a TeacherError's own message; anything else is a bug worth naming."""
+    return str(err) if isinstance(err, TeacherError) else f"unexpected {type(err).__name__}: {err}"

@@ -18,6 +18,8 @@ full prompt (tests/test_hf_prefix.py checks the greedy tokens).
 
 from __future__ import annotations
 
+import inspect
+
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -192,6 +194,9 @@ class HFBackend:
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.max_positions = getattr(text_cfg, "max_position_embeddings", None)
+        # transformers renamed `past_key_values` to `cache` (5.2x; the old name goes in 5.40)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     def _fix_llava_processor(self, config: Any) -> None:
         """Checkpoints converted for llava-1.5 may leave these unset; then an image does not expand
@@ -370,8 +375,12 @@ class HFBackend:
         return out
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, **extra: Any) -> Any:
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                          use_cache=True, logits_to_keep=1, **extra)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                          **{self._cache_kw: cache}, **extra)
+
+    @staticmethod
+    def _cache_of(out: Any) -> Any:
+        return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
     def _prefill(self, groups: list[_Group]) -> tuple[torch.Tensor, Any, torch.Tensor, list[_Row]]:
         """Run the prompts of one batch; return last-position logits, the cache, the attention
@@ -381,14 +390,14 @@ class HFBackend:
             ids, mask = self._left_pad([r.ids for r in rows])
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             o = self._forward(ids, mask, pos, None, **self._pixels(rows))
-            return o.logits[:, -1], o.past_key_values, mask, rows
+            return o.logits[:, -1], self._cache_of(o), mask, rows
         # a lone row in a mixed batch runs all but its last token as its "prefix"
         plens = [g.prefix_len if len(g.rows) > 1 else len(g.rows[0].ids) - 1 for g in groups]
         # 1) each group's prefix once (its images included)
         p_ids, p_mask = self._left_pad([g.rows[0].ids[:n] for g, n in zip(groups, plens)])
         p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
         o = self._forward(p_ids, p_mask, p_pos, None, **self._pixels([g.rows[0] for g in groups]))
-        cache = o.past_key_values
+        cache = self._cache_of(o)
         # 2) copy each group's cache row to its members (index_select along the batch)
         member_of = torch.tensor([gi for gi, g in enumerate(groups) for _ in g.rows], device=self.device)
         cache.batch_select_indices(member_of)
@@ -398,7 +407,7 @@ class HFBackend:
         mask = torch.cat([p_mask[member_of], s_mask], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, p_ids.shape[1]:]
         o = self._forward(s_ids, mask, pos, cache)
-        return o.logits[:, -1], o.past_key_values, mask, rows
+        return o.logits[:, -1], self._cache_of(o), mask, rows
 
     def _decode(self, logits: torch.Tensor, cache: Any, mask: torch.Tensor, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
         """Generate up to max_new_tokens for the whole batch; return tokens [B, T] and lengths [B]."""

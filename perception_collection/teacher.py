@@ -1,0 +1,361 @@
+"""The LLM teacher: writes every stage's text with any vlm_judge backend, through a disk cache.
+
+`LLMTeacher` implements the `rows.Teacher` protocol over a `vlm_judge` Backend (an
+OpenAI-compatible server via the `openai` backend, which already retries with backoff, or a local
+transformers model via `hf`). Each call asks for one JSON object; the parser tolerates code fences
+and prose around it, checks every field, and raises `TeacherError` with the reason.
+
+Every successful generation is appended to a JSONL cache keyed by a hash of (model, prompt, image
+contents, sampling parameters), so a resumed or repeated run makes no call it has made before.
+Errors are not cached: a re-run retries them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from perception_collection import teacher_prompts as P
+from perception_collection.rows import SCORES, SeedRubric, SourceImage, Teacher, TeacherError
+from perception_collection.store import JsonlWriter, read_jsonl
+from vlm_judge.backends import Backend, GenerationParams, Prompt, get_backend
+from vlm_judge.records import ImageRef, RecordError, Rubric
+
+_VERDICT_TAIL = re.compile(r"(\s*(So the overall score is|Overall score:|Score:)\s*\d\s*\.?\s*)?(\[RESULT\]\s*\d\s*)?$",
+                           re.I)
+
+
+# ---- JSON extraction -------------------------------------------------------------------------
+
+
+def extract_json(text: str | None) -> Any:
+    """The first JSON object (or array) in a model's output: the whole text, a ```json fence, or
+    the first parseable `{...}` found in surrounding prose. Raises TeacherError when there is none."""
+    if not text or not text.strip():
+        raise TeacherError("teacher output is empty")
+    s = text.strip()
+    candidates = [m.group(1) for m in re.finditer(r"```(?:json|JSON)?\s*\n?(.*?)```", s, re.S)] + [s]
+    dec = json.JSONDecoder()
+    for c in candidates:
+        c = c.strip()
+        try:
+            return json.loads(c)
+        except ValueError:
+            pass
+        for m in re.finditer(r"[{\[]", c):
+            try:
+                obj, _ = dec.raw_decode(c, m.start())
+            except ValueError:
+                continue
+            if isinstance(obj, (dict, list)) and obj:
+                return obj
+    snippet = s[:120].replace("\n", " ")
+    raise TeacherError(f"no JSON object in teacher output: {snippet!r}")
+
+
+def _field(obj: Any, key: str, where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise TeacherError(f"{where}: teacher JSON lacks key {key!r}")
+    return obj[key]
+
+
+def _text(obj: Any, key: str, where: str) -> str:
+    v = _field(obj, key, where)
+    if not isinstance(v, str) or not v.strip():
+        raise TeacherError(f"{where}: {key!r} must be a non-empty string")
+    return v.strip()
+
+
+def _items(obj: Any, key: str, where: str) -> list[Any]:
+    """The list under `key` (a bare list is accepted too: models sometimes drop the wrapper)."""
+    v = obj if isinstance(obj, list) else _field(obj, key, where)
+    if not isinstance(v, list) or not v:
+        raise TeacherError(f"{where}: {key!r} must be a non-empty list")
+    return v
+
+
+def rubric_from_json(obj: Any, where: str) -> Rubric:
+    """A complete Rubric from {'criteria', 'score1_description'..'score5_description'}."""
+    criteria = _text(obj, "criteria", where)
+    descs = tuple(_text(obj, f"score{i}_description", where) for i in SCORES)
+    try:
+        return Rubric(criteria, descs)
+    except RecordError as e:
+        raise TeacherError(f"{where}: {e}") from e
+
+
+def strip_verdict(feedback: str) -> str:
+    """Feedback without a trailing verdict sentence (the exporter adds the verdict in one form)."""
+    return _VERDICT_TAIL.sub("", feedback.strip()).strip()
+
+
+# ---- cache -----------------------------------------------------------------------------------
+
+
+class TeacherCache:
+    """Generations by request key, in memory and appended to a JSONL file (torn lines tolerated)."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._mem: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._writer: JsonlWriter | None = None
+        if self.path is not None:
+            for row in read_jsonl(self.path):
+                if "key" in row and isinstance(row.get("text"), str):
+                    self._mem[row["key"]] = row
+            self._writer = JsonlWriter(self.path)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._mem.get(key)
+
+    def put(self, key: str, row: dict[str, Any]) -> None:
+        row = {"key": key, **row}
+        with self._lock:
+            self._mem[key] = row
+        if self._writer is not None:
+            self._writer.write(row)
+
+    def __len__(self) -> int:
+        return len(self._mem)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+_digest_lock = threading.Lock()
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def image_digest(path: str) -> str:
+    """sha1 of an image file's bytes (memoised by path, size and mtime): the cache keys on what the
+    teacher saw, so a re-run in another folder hits, and a replaced file misses."""
+    st = os.stat(path)
+    k = (str(path), st.st_size, st.st_mtime_ns)
+    with _digest_lock:
+        if k in _digests:
+            return _digests[k]
+    with open(path, "rb") as f:
+        d = hashlib.sha1(f.read()).hexdigest()
+    with _digest_lock:
+        _digests[k] = d
+    return d
+
+
+def request_key(model: str, prompt: Prompt, params: GenerationParams) -> str:
+    """Hash of everything that decides the teacher's output."""
+    imgs = [image_digest(im.path) if im.path else hashlib.sha1(im.data or b"").hexdigest() for im in prompt.images]
+    blob = json.dumps({
+        "model": model, "system": prompt.system, "user": prompt.user, "prefix": prompt.assistant_prefix,
+        "images": imgs, "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+        "top_p": params.top_p, "seed": params.seed if params.temperature > 0 else None, "stop": list(params.stop),
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---- the teacher -----------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherStats:
+    """What the teacher cost: backend calls, cache hits, failures and tokens."""
+
+    calls: int = 0
+    cache_hits: int = 0
+    errors: int = 0
+    """Backend calls that returned an error (after the backend's own retries)."""
+    parse_failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class LLMTeacher:
+    """The Teacher protocol over a vlm_judge Backend, with the prompts of `teacher_prompts`."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        params: GenerationParams | None = None,
+        cache: TeacherCache | None = None,
+        parse_retries: int = 1,
+        thread_safe: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.name = getattr(backend, "name", "teacher")
+        self.params = params or GenerationParams(max_new_tokens=2048, temperature=0.7, seed=0)
+        self.cache = cache if cache is not None else TeacherCache(None)  # (an empty cache is falsy)
+        self.parse_retries = parse_retries
+        self.stats = TeacherStats()
+        self._stats_lock = threading.Lock()
+        # a local transformers model is not thread-safe: its calls go one at a time
+        self._backend_lock = None if thread_safe else threading.Lock()
+
+    # ---- one call ---------------------------------------------------------------------
+
+    def _count(self, **kw: int) -> None:
+        with self._stats_lock:
+            for k, v in kw.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    def _generate(self, prompt: Prompt, attempt: int) -> str:
+        """The teacher's text for this prompt: from the cache, or one backend call (then cached)."""
+        base_seed = self.params.seed or 0
+        params = GenerationParams(
+            max_new_tokens=self.params.max_new_tokens, temperature=self.params.temperature,
+            top_p=self.params.top_p, seed=base_seed + attempt, stop=self.params.stop,
+        )
+        if attempt and params.temperature == 0:
+            # greedy decoding would repeat itself: a retry samples a little
+            params = GenerationParams(params.max_new_tokens, 0.3, params.top_p, base_seed + attempt, params.stop)
+        key = request_key(self.name, prompt, params)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self._count(cache_hits=1)
+            return hit["text"]
+        if self._backend_lock is not None:
+            with self._backend_lock:
+                gen = self.backend.generate([prompt], params)[0]
+        else:
+            gen = self.backend.generate([prompt], params)[0]
+        self._count(calls=1, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
+        if gen.error is not None or gen.text is None:
+            self._count(errors=1)
+            raise TeacherError(f"teacher call failed: {gen.error or 'no text'}")
+        self.cache.put(key, {"text": gen.text, "prompt_tokens": gen.prompt_tokens,
+                             "completion_tokens": gen.completion_tokens})
+        return gen.text
+
+    def _ask(self, image: SourceImage | None, user: str, parse: Any) -> Any:
+        """Call, parse; on a parse failure try again (another seed) up to `parse_retries` times."""
+        prompt = Prompt(user=user, system=P.SYSTEM,
+                        images=(ImageRef(path=image.path),) if image is not None else ())
+        last: TeacherError | None = None
+        for attempt in range(self.parse_retries + 1):
+            text = self._generate(prompt, attempt)  # a failed call raises: retrying is the backend's job
+            try:
+                return parse(extract_json(text))
+            except TeacherError as e:
+                self._count(parse_failures=1)
+                last = e
+        assert last is not None
+        tries = self.parse_retries + 1
+        raise TeacherError(f"{last} (after {tries} {'try' if tries == 1 else 'tries'})")
+
+    @staticmethod
+    def _context(image: SourceImage) -> str:
+        return P.CONTEXT.format(context=image.context.strip()) if image.context.strip() else ""
+
+    # ---- the protocol -----------------------------------------------------------------
+
+    def rubrics(self, image: SourceImage, seeds: Sequence[SeedRubric], n: int) -> list[tuple[Rubric, str]]:
+        """Up to n image-specific rubrics brainstormed from the seeds, each with its seed's name."""
+        seed_block = "\n\n".join(P.SEED_ITEM.format(name=s.name, category=s.category, text=s.rubric.to_text())
+                                 for s in seeds)
+        user = P.RUBRICS.format(context_block=self._context(image), seed_block=seed_block, n=n)
+        names = {s.name for s in seeds}
+
+        def parse(obj: Any) -> list[tuple[Rubric, str]]:
+            out = []
+            for i, item in enumerate(_items(obj, "rubrics", "rubrics")[:n]):
+                seed = item.get("seed", "") if isinstance(item, dict) else ""
+                out.append((rubric_from_json(item, f"rubrics[{i}]"), seed if seed in names else ""))
+            return out
+
+        return self._ask(image, user, parse)
+
+    def paraphrase_rubric(self, image: SourceImage, rubric: Rubric) -> Rubric:
+        """The same rubric in other words (not part of the Teacher protocol; used when present)."""
+        return self._ask(image, P.PARAPHRASE.format(rubric=rubric.to_text()),
+                         lambda obj: rubric_from_json(obj, "paraphrase"))
+
+    def instructions(self, image: SourceImage, rubric: Rubric, n: int) -> list[tuple[str, str]]:
+        """Up to n (instruction, reference answer) pairs."""
+        user = P.INSTRUCTIONS.format(context_block=self._context(image), rubric=rubric.to_text(), n=n)
+
+        def parse(obj: Any) -> list[tuple[str, str]]:
+            return [(_text(it, "instruction", f"instructions[{i}]"), _text(it, "reference_answer", f"instructions[{i}]"))
+                    for i, it in enumerate(_items(obj, "instructions", "instructions")[:n])]
+
+        return self._ask(image, user, parse)
+
+    def responses(
+        self, image: SourceImage, rubric: Rubric, instruction: str, reference_answer: str,
+        scores: Sequence[int] = SCORES, *, length_hint: int | None = None,
+    ) -> dict[int, tuple[str, str]]:
+        """(response, feedback) for each requested score. `length_hint` (words) is set when an
+        earlier try's lengths varied too much; it changes the prompt, hence the cache key."""
+        wanted = [int(s) for s in scores]
+        user = P.RESPONSES.format(
+            context_block=self._context(image), instruction=instruction, reference_answer=reference_answer,
+            rubric=rubric.to_text(), scores=", ".join(map(str, wanted)),
+            length_note=P.LENGTH_NOTE.format(words=length_hint) if length_hint else "",
+        )
+
+        def parse(obj: Any) -> dict[int, tuple[str, str]]:
+            out: dict[int, tuple[str, str]] = {}
+            for i, it in enumerate(_items(obj, "responses", "responses")):
+                where = f"responses[{i}]"
+                try:
+                    s = int(_field(it, "score", where))
+                except (TypeError, ValueError) as e:
+                    raise TeacherError(f"{where}: score is not a number") from e
+                if s in wanted and s not in out:
+                    feedback = strip_verdict(_text(it, "feedback", where))
+                    if not feedback:
+                        raise TeacherError(f"{where}: feedback is only a verdict")
+                    out[s] = (_text(it, "response", where), feedback)
+            missing = [s for s in wanted if s not in out]
+            if missing:
+                raise TeacherError(f"responses: no response for score(s) {missing}")
+            return out
+
+        return self._ask(image, user, parse)
+
+    def noisy_instruction(self, image: SourceImage, instruction: str) -> str:
+        """A close but different instruction about the same image."""
+        return self._ask(image, P.NOISY.format(instruction=instruction),
+                         lambda obj: _text(obj, "instruction", "noisy_instruction"))
+
+    def answer(self, image: SourceImage, instruction: str) -> str:
+        """A good answer to an instruction about the image."""
+        user = P.ANSWER.format(context_block=self._context(image), instruction=instruction)
+        return self._ask(image, user, lambda obj: _text(obj, "answer", "answer"))
+
+    def close(self) -> None:
+        self.cache.close()
+        close = getattr(self.backend, "close", None)
+        if callable(close):
+            close()
+
+
+def make_teacher(cfg: Any, run_dir: str | Path | None = None) -> Teacher:
+    """The teacher a BuildConfig asks for; the cache lives at `<run_dir>/teacher_cache.jsonl`."""
+    t = cfg.teacher
+    if t.kind == "answer_grounded":
+        from perception_collection.vqa_teacher import AnswerGroundedTeacher
+
+        return AnswerGroundedTeacher(seed=cfg.seed)
+    cache = TeacherCache(Path(run_dir) / "teacher_cache.jsonl" if run_dir is not None else None)
+    params = GenerationParams(max_new_tokens=t.max_tokens, temperature=t.temperature, seed=cfg.seed)
+    if t.kind == "openai":
+        api_key = os.environ.get(t.api_key_env) if t.api_key_env else None
+        backend = get_backend("openai", model=t.model, base_url=t.base_url, base_urls=t.base_urls,
+                              api_key=api_key if api_key is not None else "EMPTY", concurrency=t.concurrency,
+                              timeout=t.timeout, max_retries=t.max_retries, **t.backend_args)
+        return LLMTeacher(backend, params, cache, t.parse_retries, thread_safe=True)
+    if t.kind == "hf":
+        backend = get_backend("hf", model=t.model, **t.backend_args)
+        return LLMTeacher(backend, params, cache, t.parse_retries, thread_safe=False)
+    raise ValueError(f"unknown teacher kind {t.kind!r}")

@@ -163,8 +163,8 @@ def best_of(runners: dict[str, Callable[[], None]], reps: int) -> dict[str, floa
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--groups", type=int, default=2)
     ap.add_argument("--per-group", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=16)

@@ -105,3 +105,33 @@ def test_a_bad_row_inside_a_group_leaves_the_group_intact(backends, sample_image
     a, b = reuse.generate(prompts, PARAMS), plain.generate(prompts, PARAMS)
     assert a[2].text is None and "cannot decode image" in a[2].error
     assert [g.text for g in a] == [g.text for g in b]
+
+
+def test_prefetched_images_give_the_same_judgments(tiny_llava_dir, sample_images, tmp_path):
+    """The scorer hands the backend the next batch's images while it generates the current one:
+    the judgments are the same as without prefetching, the images really were preprocessed in the
+    background, and a corrupt image is still reported on its own row."""
+    from vlm_judge.scorer import Judge, ScorerConfig
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    reqs = _requests(sample_images)
+    reqs.append(JudgeRequest(instruction="What is here?", response="a cat", rubric=RUBRIC,
+                             images=(ImageRef(path=str(bad)),), id="bad"))
+    cfg = ScorerConfig(batch_size=3, max_parse_retries=0, params=PARAMS)
+    with_prefetch = get_backend("hf", model=str(tiny_llava_dir), min_new_tokens=10)
+    without = get_backend("hf", model=str(tiny_llava_dir), min_new_tokens=10)
+    without.prefetch = None  # the scorer then never prefetches
+
+    seen: list[str] = []
+    orig = with_prefetch.prefetch
+    with_prefetch.prefetch = lambda ps: (seen.extend(ref.key for p in ps for ref in p.images), orig(ps))[1]
+    a = Judge(with_prefetch, cfg).grade(reqs)
+    b = Judge(without, cfg).grade(reqs)
+
+    assert [(j.id, j.raw_output, j.status) for j in a] == [(j.id, j.raw_output, j.status) for j in b]
+    assert {j.id: j.status for j in a}["bad"] == "error"
+    assert "path:" + str(bad.resolve()) in seen  # a corrupt image in a prefetch raised nothing there
+    with_prefetch._prefetcher.shutdown(wait=True)
+    good = {r.images[0].key for r in reqs if r.id != "bad"}
+    assert good & set(seen) <= set(with_prefetch._image_cache)

@@ -244,8 +244,12 @@ class Judge:
         # Group by image, then by prompt length: a batch then shares images (decoded once) and
         # pads little. The order is undone when results are stored back on each job.
         order = sorted(range(len(jobs)), key=lambda i: (jobs[i].request.image_key, len(prompts[i].user)))
+        prefetch = getattr(self.backend, "prefetch", None)  # optional capability (see backends.base)
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
+            if prefetch is not None:
+                # the next batch's images load and preprocess while this batch generates
+                prefetch([prompts[i] for i in order[start + cfg.batch_size : start + 2 * cfg.batch_size]])
             # one params object per batch: the seed varies with the attempt and sample, so a retry
             # is a new draw and sample s of a request is reproducible run to run
             groups: dict[tuple[int, float], list[int]] = {}

@@ -7,8 +7,9 @@ so a new backend is only a `generate` function.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from vlm_judge.records import ImageRef
 
@@ -79,4 +80,14 @@ class ScoresTokens(Protocol):
     def next_token_probs(
         self, prompts: Sequence[Prompt], continuations: Sequence[str], candidates: Sequence[str]
     ) -> list[dict[str, float]]:
+        ...
+
+
+@runtime_checkable
+class Prefetches(Protocol):
+    """Optional capability: start loading and preprocessing the images of prompts that will be
+    generated next, in the background, so that this work overlaps the current batch's generation.
+    Must return at once and never raise (a bad image is reported when its prompt is generated)."""
+
+    def prefetch(self, prompts: Sequence[Prompt]) -> None:
         ...

@@ -19,10 +19,11 @@ full prompt (tests/test_hf_prefix.py checks the greedy tokens).
 from __future__ import annotations
 
 import inspect
-
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ class HFBackend:
         self.prefix_reuse = prefix_reuse
         self.min_prefix_tokens = min_prefix_tokens
         self.min_new_tokens = min_new_tokens
-        self._image_cache: OrderedDict[str, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+        self._init_image_cache()
         self._load(str(model), device, dtype, merge_adapter, kw)
 
     @classmethod
@@ -108,7 +109,7 @@ class HFBackend:
         for k, v in {**defaults, **options}.items():
             setattr(self, k, v)
         self.name = name
-        self._image_cache = OrderedDict()
+        self._init_image_cache()
         self.kind = "vision" if getattr(model.config, "vision_config", None) is not None else "text"
         self.model = model.eval()
         self.dtype = model.dtype
@@ -122,6 +123,13 @@ class HFBackend:
             self.image_token, self.image_token_id = None, None
         self._setup(model.config)
         return self
+
+    def _init_image_cache(self) -> None:
+        self._image_cache: OrderedDict[str, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+        # room for the batch being generated and the next one being prefetched
+        self._image_cache_size = max(64, 4 * self.batch_size)
+        self._image_lock = threading.Lock()
+        self._prefetcher: ThreadPoolExecutor | None = None
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -233,18 +241,41 @@ class HFBackend:
 
     def _image(self, key: str, ref: Any) -> tuple[dict[str, torch.Tensor], int]:
         """Pixel tensors and image-token count of one image, preprocessed once (small LRU)."""
-        hit = self._image_cache.get(key)
-        if hit is not None:
-            self._image_cache.move_to_end(key)
-            return hit
+        with self._image_lock:
+            hit = self._image_cache.get(key)
+            if hit is not None:
+                self._image_cache.move_to_end(key)
+                return hit
+        # decoded outside the lock: the prefetch thread and the caller may work on different images
         img = load_image(ref)
         enc = self.processor(text=[self.image_token], images=[img], return_tensors="pt")
         n = int((enc["input_ids"] == self.image_token_id).sum())
         tensors = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")}
-        self._image_cache[key] = (tensors, n)
-        if len(self._image_cache) > 64:
-            self._image_cache.popitem(last=False)
+        with self._image_lock:
+            self._image_cache[key] = (tensors, n)
+            while len(self._image_cache) > self._image_cache_size:
+                self._image_cache.popitem(last=False)
         return tensors, n
+
+    def prefetch(self, prompts: Sequence[Prompt]) -> None:
+        """Load and preprocess these prompts' images in a background thread (see base.Prefetches).
+
+        PIL decoding and resizing and torch ops release the GIL, so this overlaps the generation
+        of the current batch; errors are ignored here and reported when the prompt is encoded."""
+        refs = [ref for p in prompts for ref in p.images]
+        if not refs or self.kind != "vision":
+            return
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-judge-prefetch")
+
+        def work() -> None:
+            for ref in refs:
+                try:
+                    self._image(ref.key, ref)
+                except Exception:  # noqa: BLE001, S112 - reported when the prompt is encoded
+                    continue
+
+        self._prefetcher.submit(work)
 
     def _encode(self, p: Prompt, text: str | None = None) -> tuple[list[int], list[dict[str, torch.Tensor]], int]:
         """Token ids (image placeholders expanded), per-image tensors, image-token count."""

@@ -7,7 +7,7 @@ the eval grounding probe uses it as the judge that ignores the image.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from vlm_judge.backends.base import Generation, GenerationParams, Prompt
 

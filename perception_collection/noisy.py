@@ -1,0 +1,172 @@
+"""The noisy-instruction stage (Self-Taught Evaluator style): preference pairs without grading.
+
+For each instruction the teacher writes a close but different instruction about the same image
+(`Teacher.noisy_instruction`) and answers both (`Teacher.answer`). The answer to the noisy
+instruction is a fluent, on-topic answer to the wrong question, so it loses against the answer to
+the real one: a pair whose winner is known by construction, that teaches a judge to check that a
+response answers *what was asked*. Rows use the pairwise schema of `export.pair_row`, so the
+trainer reads them like the graded pairs (pass them to `export_all(extra_pairs=...)` to put them,
+with their images, into the exported pairwise file).
+
+The stage is resumable: rows are appended to `out_path` as they complete; a re-run skips ids already
+there and repairs a torn last line (a crash mid-write). A TeacherError (or an unusable result) for
+one item becomes a Drop, and the other items go on. Failed items are not recorded in the file, so a
+re-run tries them again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from perception_collection.export import pair_row
+from perception_collection.rows import Drop, Instruction, SourceImage, Teacher, TeacherError
+from vlm_judge.records import Rubric
+
+log = logging.getLogger("perception_collection.noisy")
+
+STAGE = "noisy"
+
+NOISY_RUBRIC = Rubric(
+    "Does the response answer the instruction exactly as it was asked about this image, rather than a "
+    "related but different question?"
+)
+"""Relative-grading criterion of noisy pairs (criteria only: relative prompts show no score levels)."""
+
+
+def pair_id(ins: Instruction) -> str:
+    """The row id of an instruction's noisy pair."""
+    return f"{ins.instruction_id}/noisy"
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def read_done(out_path: Path) -> dict[str, dict[str, Any]]:
+    """Rows already in out_path by id. A torn last line (no newline, not valid JSON) is cut off so
+    appends continue on a clean line; a bad line elsewhere is an error naming it."""
+    if not out_path.exists():
+        return {}
+    raw = out_path.read_bytes()
+    lines = raw.split(b"\n")
+    done: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for n, line in enumerate(lines):
+        last = n == len(lines) - 1
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if last or all(not rest.strip() for rest in lines[n + 1:]):
+                    log.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", out_path, len(line))
+                    with out_path.open("r+b") as f:
+                        f.truncate(offset)
+                    break
+                raise ValueError(f"{out_path}: line {n + 1} is not valid JSON ({e.msg}); fix or remove it") from e
+            if not isinstance(row, dict) or not row.get("id"):
+                raise ValueError(f"{out_path}: line {n + 1} is not a row object with an 'id'")
+            done[str(row["id"])] = row
+        offset += len(line) + 1
+    else:
+        if raw and not raw.endswith(b"\n"):  # a complete last line without its newline
+            with out_path.open("ab") as f:
+                f.write(b"\n")
+    return done
+
+
+def noisy_row(image: SourceImage, ins: Instruction, noisy: str, good: str, bad: str, seed: int = 0,
+              template: str = "default") -> dict[str, Any]:
+    """The pairwise row: the answer to the real instruction wins against the answer to the noisy one.
+    The winner's position is drawn from `seed` and the id, so it does not depend on run order."""
+    pid = pair_id(ins)
+    chosen_first = random.Random(f"{seed}:{pid}").random() < 0.5
+    return pair_row(
+        pid, image.path, ins.instruction, NOISY_RUBRIC, good, bad,
+        "It answers the instruction that was asked.",
+        f"It answers a different question (\"{noisy.strip()}\") instead of the one asked, so it does not give "
+        "the user what they wanted.",
+        chosen_first, reference_answer=None, template=template,
+        extra={"image_id": image.image_id, "noisy_instruction": noisy.strip(), "pair_source": "noisy_instruction"},
+    )
+
+
+def _one(teacher: Teacher, image: SourceImage, ins: Instruction, seed: int, template: str) -> dict[str, Any]:
+    noisy = teacher.noisy_instruction(image, ins.instruction)
+    if not isinstance(noisy, str) or not noisy.strip():
+        raise TeacherError("the teacher wrote an empty noisy instruction")
+    if _norm(noisy) == _norm(ins.instruction):
+        raise TeacherError("the noisy instruction is the original instruction again")
+    good = teacher.answer(image, ins.instruction)
+    bad = teacher.answer(image, noisy)
+    for name, text in (("the instruction", good), ("the noisy instruction", bad)):
+        if not isinstance(text, str) or not text.strip():
+            raise TeacherError(f"the teacher's answer to {name} is empty")
+    if _norm(good) == _norm(bad):
+        raise TeacherError("both answers are the same text: the pair carries no preference")
+    return noisy_row(image, ins, noisy, good, bad, seed, template)
+
+
+def noisy_pairs(
+    items: list[tuple[SourceImage, Instruction]], teacher: Teacher, out_path: Path, concurrency: int = 4,
+    *, seed: int = 0, template: str = "default",
+) -> tuple[list[dict[str, Any]], list[Drop]]:
+    """Noisy-instruction pairs for `items`, appended to `out_path` (JSONL) as they complete.
+
+    Returns (rows for these items, old and new, in item order; drops of this run). At most
+    `concurrency` teacher calls run at once, and at most 2x that many items are in flight.
+    Exceptions other than TeacherError (bugs) propagate after the finished rows are written.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_done(out_path)
+    todo: list[tuple[SourceImage, Instruction]] = []
+    queued: set[str] = set()
+    for image, ins in items:
+        pid = pair_id(ins)
+        if pid not in done and pid not in queued:
+            queued.add(pid)
+            todo.append((image, ins))
+    if done:
+        log.info("noisy: %d of %d items already done in %s", len(items) - len(todo), len(items), out_path)
+    drops: list[Drop] = []
+    with out_path.open("a", encoding="utf-8") as f, ThreadPoolExecutor(max_workers=concurrency) as pool:
+        pending: dict[Future[dict[str, Any]], str] = {}
+        it = iter(todo)
+
+        def fill() -> None:
+            for image, ins in it:
+                pending[pool.submit(_one, teacher, image, ins, seed, template)] = pair_id(ins)
+                if len(pending) >= 2 * concurrency:
+                    return
+
+        fill()
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                pid = pending.pop(fut)
+                try:
+                    row = fut.result()
+                except TeacherError as e:
+                    drops.append(Drop(pid, STAGE, str(e)))
+                    continue
+                except BaseException:
+                    for other in pending:
+                        other.cancel()
+                    raise
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()  # one complete line per finished item: a crash loses at most the line being written
+                done[pid] = row
+            fill()
+    rows = [done[pair_id(ins)] for _, ins in items if pair_id(ins) in done]
+    # an item listed twice yields its row once
+    seen: set[str] = set()
+    rows = [r for r in rows if not (r["id"] in seen or seen.add(r["id"]))]
+    return rows, drops

@@ -237,13 +237,15 @@ class LLMTeacher:
                              "completion_tokens": gen.completion_tokens})
         return gen.text
 
-    def _ask(self, image: SourceImage | None, user: str, parse: Any) -> Any:
-        """Call, parse; on a parse failure try again (another seed) up to `parse_retries` times."""
+    def _ask(self, image: SourceImage | None, user: str, parse: Any, draw: int = 0) -> Any:
+        """Call, parse; on a parse failure try again (another seed) up to `parse_retries` times.
+        `draw` > 0 asks for a fresh sample of the same prompt (another seed, another cache key)."""
         prompt = Prompt(user=user, system=P.SYSTEM,
                         images=(ImageRef(path=image.path),) if image is not None else ())
         last: TeacherError | None = None
         for attempt in range(self.parse_retries + 1):
-            text = self._generate(prompt, attempt)  # a failed call raises: retrying is the backend's job
+            # a failed call raises: retrying on HTTP errors is the backend's job
+            text = self._generate(prompt, attempt + 1000 * draw)
             try:
                 return parse(extract_json(text))
             except TeacherError as e:
@@ -292,10 +294,11 @@ class LLMTeacher:
 
     def responses(
         self, image: SourceImage, rubric: Rubric, instruction: str, reference_answer: str,
-        scores: Sequence[int] = SCORES, *, length_hint: int | None = None,
+        scores: Sequence[int] = SCORES, *, length_hint: int | None = None, draw: int = 0,
     ) -> dict[int, tuple[str, str]]:
-        """(response, feedback) for each requested score. `length_hint` (words) is set when an
-        earlier try's lengths varied too much; it changes the prompt, hence the cache key."""
+        """(response, feedback) for each requested score. `length_hint` (words) and `draw` (the
+        try number) are set when an earlier try's lengths varied too much: the retry gets a target
+        length and a fresh sample instead of the cached answer."""
         wanted = [int(s) for s in scores]
         user = P.RESPONSES.format(
             context_block=self._context(image), instruction=instruction, reference_answer=reference_answer,
@@ -321,7 +324,7 @@ class LLMTeacher:
                 raise TeacherError(f"responses: no response for score(s) {missing}")
             return out
 
-        return self._ask(image, user, parse)
+        return self._ask(image, user, parse, draw)
 
     def noisy_instruction(self, image: SourceImage, instruction: str) -> str:
         """A close but different instruction about the same image."""

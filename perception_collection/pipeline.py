@@ -1,0 +1,208 @@
+"""`build(cfg)`: sources -> seeds -> rubrics -> instructions -> responses -> examples -> filters -> export.
+
+The run folder holds everything a run needs to resume and to be understood later:
+
+    recipe.yaml          the resolved config            version.json   package version
+    sources.jsonl        the validated images           images/        MMMU images, RGB conversions
+    rubrics.jsonl  instructions.jsonl  responses.jsonl  (appended per item; a re-run skips done items)
+    teacher_cache.jsonl  every teacher generation by request hash (a re-run repeats no call)
+    drops/<stage>.jsonl  what each stage/filter left out this run, and why;  drops.jsonl: all of them
+    export/              the exported datasets          summary.json   the numbers printed at the end
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perception_collection import stage_instructions, stage_responses, stage_rubrics
+from perception_collection.config import BuildConfig
+from perception_collection.rows import SCORES, Drop, Example, Teacher
+from perception_collection.sources import load_source
+from perception_collection.store import JsonlWriter, read_jsonl
+
+
+@dataclass
+class BuildSummary:
+    """The numbers of one build (also written to `<run>/summary.json`)."""
+
+    run_dir: str
+    counts: dict[str, int] = field(default_factory=dict)
+    """Records per stage: images, rubrics, instructions, responses, examples, kept (after filters)."""
+    resumed: dict[str, int] = field(default_factory=dict)
+    """Items per stage found done from an earlier run (no teacher call spent on them)."""
+    score_histogram: dict[int, int] = field(default_factory=dict)
+    """Kept examples per score."""
+    words_by_score: dict[int, float] = field(default_factory=dict)
+    """Mean response length in words per score (kept examples): should be flat."""
+    drops: dict[str, dict[str, int]] = field(default_factory=dict)
+    """stage or filter -> reason -> count."""
+    teacher: dict[str, int] = field(default_factory=dict)
+    """calls, cache_hits, errors, parse_failures, prompt_tokens, completion_tokens."""
+    exports: dict[str, str] = field(default_factory=dict)
+    """format -> path written."""
+    noisy_pairs: int | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format_table(self) -> str:
+        """The human-readable summary printed at the end of a build."""
+        lines = [f"run folder: {self.run_dir}   ({self.seconds:.1f} s)", "", "stage          records   resumed"]
+        for k, v in self.counts.items():
+            r = self.resumed.get(k)
+            lines.append(f"  {k:<13}{v:>8}   {'' if r is None else r:>7}")
+        if self.noisy_pairs is not None:
+            lines.append(f"  {'noisy pairs':<13}{self.noisy_pairs:>8}")
+        lines += ["", "score   examples   mean words"]
+        for s in SCORES:
+            lines.append(f"  {s:<6}{self.score_histogram.get(s, 0):>9}   {self.words_by_score.get(s, 0.0):>10.1f}")
+        lines += ["", "dropped (stage / filter: count x reason)"]
+        if not any(self.drops.values()):
+            lines.append("  nothing")
+        for stage, reasons in self.drops.items():
+            for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
+                lines.append(f"  {stage}: {n} x {reason}")
+        t = self.teacher
+        lines += ["", f"teacher: {t.get('calls', 0)} calls, {t.get('cache_hits', 0)} cache hits, "
+                      f"{t.get('errors', 0)} failed calls, {t.get('parse_failures', 0)} unparseable outputs, "
+                      f"{t.get('prompt_tokens', 0)} prompt + {t.get('completion_tokens', 0)} completion tokens"]
+        for fmt, path in self.exports.items():
+            lines.append(f"export {fmt}: {path}")
+        return "\n".join(lines)
+
+
+def _reason_head(reason: str) -> str:
+    """Group drop reasons that differ only in details (ids, quoted text, numbers) for the table."""
+    head = reason.split(": '")[0].split(' "')[0]
+    return head[:100]
+
+
+def _drop_table(drops: list[Drop]) -> dict[str, dict[str, int]]:
+    table: dict[str, Counter] = {}
+    for d in drops:
+        table.setdefault(d.stage, Counter())[_reason_head(d.reason)] += 1
+    return {k: dict(v) for k, v in table.items()}
+
+
+def _write_run_info(cfg: BuildConfig, run_dir: Path) -> None:
+    from vlm_judge import __version__
+
+    old = run_dir / "recipe.yaml"
+    if old.is_file() and old.read_text() != cfg.to_yaml():
+        # a changed recipe is allowed (e.g. more images); keep the old one for the record
+        old.replace(run_dir / f"recipe.{int(time.time())}.yaml")
+    (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
+    (run_dir / "version.json").write_text(json.dumps(
+        {"vlm_judge": __version__, "python": platform.python_version()}, indent=2) + "\n")
+
+
+def join_examples(images: dict, rubrics: dict, instructions: dict, responses: list) -> list[Example]:
+    """One Example per graded response whose instruction has all five scores, in id order."""
+    by_ins: dict[str, list] = {}
+    for r in responses:
+        by_ins.setdefault(r.instruction_id, []).append(r)
+    out = []
+    for iid in sorted(by_ins):
+        group = sorted(by_ins[iid], key=lambda r: r.score)
+        ins = instructions.get(iid)
+        if ins is None or [r.score for r in group] != list(SCORES):
+            continue
+        rub = rubrics.get(ins.rubric_id)
+        img = images.get(ins.image_id)
+        if rub is None or img is None:
+            continue
+        out += [Example(img, rub, ins, r) for r in group]
+    return out
+
+
+def build(cfg: BuildConfig, progress: bool = True, teacher: Teacher | None = None) -> BuildSummary:
+    """Run (or resume) a build in `cfg.out` and return its summary. `teacher` overrides the one
+    the config describes (tests, or a caller holding a model in memory)."""
+    from perception_collection.export import export_all
+    from perception_collection.filters import apply_filters
+    from perception_collection.seeds import load_seeds
+    from perception_collection.teacher import make_teacher
+
+    t0 = time.monotonic()
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_run_info(cfg, run_dir)
+    summary = BuildSummary(run_dir=str(run_dir))
+    all_drops: list[Drop] = []
+
+    images, source_drops = load_source(cfg.source, run_dir)
+    all_drops += source_drops
+    with JsonlWriter(run_dir / "sources.jsonl", truncate=True) as f:
+        for im in images:
+            f.write(im.to_dict())
+    seeds = load_seeds(cfg.seeds.path, cfg.seeds.categories)
+
+    own_teacher = teacher is None
+    teacher = teacher or make_teacher(cfg, run_dir)
+    try:
+        by_image = {im.image_id: im for im in images}
+        rub = stage_rubrics.run(images, seeds, teacher, run_dir, cfg, progress)
+        by_rubric = {r.rubric_id: r for r in rub.records}
+        ins = stage_instructions.run(by_image, rub.records, teacher, run_dir, cfg, progress)
+        by_ins = {i.instruction_id: i for i in ins.records}
+        res = stage_responses.run(by_image, by_rubric, ins.records, teacher, run_dir, cfg, progress)
+        all_drops += rub.drops + ins.drops + res.drops
+
+        examples = join_examples(by_image, by_rubric, by_ins, res.records)
+        kept, filter_drops = apply_filters(examples, cfg.filters)
+        all_drops += filter_drops
+
+        noisy_rows: list[dict] = []
+        if cfg.noisy:
+            from perception_collection.noisy import noisy_pairs
+
+            seen: dict[str, tuple] = {}
+            for ex in kept:  # one pair per instruction that survived the filters
+                seen.setdefault(ex.group_id, (ex.image, ex.instruction))
+            noisy_rows, noisy_drops = noisy_pairs(list(seen.values()), teacher, run_dir / "noisy.jsonl",
+                                                  concurrency=cfg.teacher.concurrency)
+            summary.noisy_pairs = len(noisy_rows)
+            all_drops += noisy_drops
+
+        # noisy-instruction pairs join the pairwise export (the only format with a place for them)
+        summary.exports = export_all(kept, run_dir / "export", cfg.export, seed=cfg.seed, extra_pairs=noisy_rows)
+    finally:
+        stats = getattr(teacher, "stats", None)
+        if own_teacher and hasattr(teacher, "close"):
+            teacher.close()
+    summary.counts = {"images": len(images), "rubrics": len(rub.records), "instructions": len(ins.records),
+                      "responses": len(res.records), "examples": len(examples), "kept": len(kept)}
+    summary.resumed = {"rubrics": rub.resumed, "instructions": ins.resumed, "responses": res.resumed}
+    hist = Counter(ex.response.score for ex in kept)
+    summary.score_histogram = {s: hist.get(s, 0) for s in SCORES}
+    summary.words_by_score = {
+        s: round(statistics.fmean([len(ex.response.response.split()) for ex in kept if ex.response.score == s]), 1)
+        for s in SCORES if hist.get(s)
+    }
+    summary.drops = _drop_table(all_drops)
+    summary.teacher = stats.to_dict() if stats is not None and hasattr(stats, "to_dict") else {}
+    summary.seconds = round(time.monotonic() - t0, 2)
+
+    with JsonlWriter(run_dir / "drops.jsonl", truncate=True) as f:
+        for d in all_drops:
+            f.write(d.to_dict())
+    (run_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    if progress:
+        print(summary.format_table(), flush=True)
+    return summary
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The summary.json of a finished run."""
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+__all__ = ["BuildSummary", "build", "join_examples", "load_summary", "read_jsonl"]

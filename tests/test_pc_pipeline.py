@@ -1,0 +1,196 @@
+"""End to end: `build()` over real photos with the teacher behind the real OpenAI-compatible server
+(`vlm_judge.serve.start_server`) serving a scripted model (tests/pc_script.py). Checks the exports,
+the summary's numbers, each failure path (corrupt image, malformed teacher output, an HTTP 500 for
+one item, near-duplicate rubrics, unfixable length ratio), re-runs that cost nothing, and a run
+killed mid-stage that resumes without duplicates or repeated calls."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from perception_collection.config import BuildConfig
+from perception_collection.pipeline import build
+from perception_collection.rows import SCORES
+from perception_collection.store import read_jsonl
+from perception_collection.teacher import make_teacher
+from tests.pc_script import ScriptedVLM, stage_of
+from vlm_judge.serve import Fault, start_server
+
+# image -> context words that switch on the scripted model's failure paths
+CONTEXTS = {
+    "astronaut.png": "An astronaut. DUPLICATE",   # 2 rubrics, same criteria: 1 dropped
+    "chelsea.png": "A ginger cat.",
+    "coffee.png": "A cup of coffee. LONGWINDED",  # responses fit only on the retry with a length hint
+    "rocket.png": "A rocket. RAMBLE",             # responses never fit: 4 instructions dropped
+    "camera.png": "A photographer. MALFORMED",    # rubric output is prose: image dropped
+    "moon.png": "The moon. FAULT500",             # every instructions request gets HTTP 500
+}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from skimage import data
+
+    d = tmp_path_factory.mktemp("photos")
+    for name in CONTEXTS:
+        Image.fromarray(getattr(data, name[:-4])()).resize((64, 64)).save(d / name)
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+    (d / "metadata.jsonl").write_text("".join(json.dumps({"file_name": k, "context": v}) + "\n"
+                                              for k, v in CONTEXTS.items()))
+    return d
+
+
+def _fault(n: int, body: dict):
+    parts = body["messages"][-1]["content"]
+    text = "\n".join(p.get("text", "") for p in parts) if isinstance(parts, list) else parts
+    if "FAULT500" in text and stage_of(text) == "instructions":
+        return Fault(500, message="teacher replica crashed")
+    return None
+
+
+@pytest.fixture(scope="module")
+def server():
+    model = ScriptedVLM()
+    with start_server(model, faults=_fault) as srv:
+        srv.model = model
+        yield srv
+
+
+def _cfg(photos, server, out, **kw) -> BuildConfig:
+    d = {
+        "source": {"kind": "folder", "path": str(photos)},
+        "counts": {"rubrics_per_image": 2, "instructions_per_rubric": 2},
+        "teacher": {"kind": "openai", "model": "scripted-vlm", "base_url": server.base_url, "concurrency": 4,
+                    "max_retries": 1, "backend_args": {"backoff": 0.01}},
+        "export": ["jsonl", "feedback_collection", "pairwise"],
+        "out": str(out),
+    }
+    d.update(kw)
+    return BuildConfig.from_dict(d)
+
+
+def _ok_requests(server) -> int:
+    return list(server.stats.statuses).count(200)
+
+
+@pytest.fixture(scope="module")
+def clean_run(photos, server, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean")
+    ok0, req0 = _ok_requests(server), server.stats.requests
+    summary = build(_cfg(photos, server, out), progress=False)
+    return summary, out, _ok_requests(server) - ok0, server.stats.requests - req0
+
+
+def test_full_build_counts_drops_and_exports(clean_run):
+    s, out, ok, requests = clean_run
+    # 6 photos + 1 corrupt; astronaut 1 rubric (dup), camera 0 (malformed), 4 others x 2 = 9 rubrics
+    assert s.counts["images"] == 6
+    assert s.counts["rubrics"] == 9
+    assert s.counts["instructions"] == 14  # moon's 2 rubrics got HTTP 500: 7 rubrics x 2
+    assert s.counts["responses"] == 50     # rocket's 4 instructions never length-matched: 10 x 5
+    assert s.counts["examples"] == 50 and s.counts["kept"] == 50
+    assert s.score_histogram == {s_: 10 for s_ in SCORES}
+    assert set(s.words_by_score) == set(SCORES) and max(s.words_by_score.values()) <= 1.2 * min(s.words_by_score.values())
+    drops = s.drops
+    assert drops["source"] == {"cannot decode image " + str(out).split("/clean")[0]: 1} or sum(drops["source"].values()) == 1
+    assert sum(drops["rubrics"].values()) == 2
+    assert sum(drops["instructions"].values()) == 2 and "HTTP 500 after 1 retry" in next(iter(drops["instructions"]))
+    assert sum(drops["responses"].values()) == 4 and "length ratio" in next(iter(drops["responses"]))
+    # each reason is in the drops file, by id
+    rows = {(d["stage"], d["id"]): d["reason"] for d in read_jsonl(out / "drops.jsonl")}
+    assert "cannot decode" in rows[("source", "folder-corrupt.jpg")]
+    assert "near-duplicate rubric" in rows[("rubrics", "folder-astronaut.png")]
+    assert "no JSON object" in rows[("rubrics", "folder-camera.png")]
+    assert "teacher replica crashed" in rows[("instructions", "folder-moon.png/r0")]
+    assert "length ratio" in rows[("responses", "folder-rocket.png/r1/i0")]
+    # teacher cost: rubrics 6 + 1 parse retry, 9 rewordings, 9 instruction calls (2 failed),
+    # responses: 6 fit at once, coffee's 4 twice, rocket's 4 three times = 26
+    t = s.teacher
+    assert (t["calls"], t["errors"], t["parse_failures"], t["cache_hits"]) == (51, 2, 2, 0)
+    assert ok == 49 and requests == 53  # the 2 failed calls were each tried twice over HTTP
+    assert t["prompt_tokens"] > 0 and t["completion_tokens"] > 0
+    # exports: Perception Collection rows with images copied beside them, one per kept example
+    pc = read_jsonl(s.exports["jsonl"])
+    assert len(pc) == 50 and len({r["id"] for r in pc}) == 50
+    assert all((Path(s.exports["jsonl"]).parent / r["image"]).is_file() for r in pc)
+    assert {r["orig_score"] for r in pc} == {"1", "2", "3", "4", "5"}
+    assert len(read_jsonl(s.exports["feedback_collection"])) == 50 and read_jsonl(s.exports["pairwise"])
+    # the run folder documents itself
+    assert (out / "recipe.yaml").is_file() and json.loads((out / "version.json").read_text())["vlm_judge"]
+    assert json.loads((out / "summary.json").read_text())["counts"]["kept"] == 50
+    assert "teacher: 51 calls" in s.format_table()
+
+
+def test_rerun_makes_no_new_successful_call_and_changes_nothing(clean_run, photos, server):
+    s1, out, _, _ = clean_run
+    before = read_jsonl(s1.exports["jsonl"])
+    ok0 = _ok_requests(server)
+    s2 = build(_cfg(photos, server, out), progress=False)
+    assert _ok_requests(server) == ok0  # everything came from files and the cache
+    assert s2.resumed == {"rubrics": 5, "instructions": 7, "responses": 10}
+    # what failed before is retried: moon's calls fail again (errors are not cached); camera's
+    # malformed output (2 tries) and rocket's 4 x 3 unmatched tries come from the cache, for free
+    assert s2.teacher["calls"] == 2 and s2.teacher["errors"] == 2 and s2.teacher["cache_hits"] == 2 + 12
+    assert s2.counts == s1.counts
+    assert read_jsonl(s2.exports["jsonl"]) == before
+    for name in ("rubrics", "instructions", "responses"):
+        ids = [r.get("response_id") or r.get("instruction_id") or r.get("rubric_id") for r in read_jsonl(out / f"{name}.jsonl")]
+        assert len(ids) == len(set(ids))
+
+
+class Killed(BaseException):
+    """Stands for the process being killed (not an Exception: nothing may catch it as an item error)."""
+
+
+class KillAfter:
+    """Delegates to a teacher, and 'kills the run' at its n+1-th responses call."""
+
+    def __init__(self, inner, n: int) -> None:
+        self.inner, self.n, self.count, self.lock = inner, n, 0, threading.Lock()
+        self.name = inner.name
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def responses(self, image, rubric, instruction, reference_answer, scores=SCORES, *, length_hint=None, draw=0):
+        with self.lock:
+            self.count += 1
+            if self.count > self.n:
+                raise Killed()
+        return self.inner.responses(image, rubric, instruction, reference_answer, scores, length_hint=length_hint, draw=draw)
+
+
+def test_killed_run_resumes_without_duplicates_or_repeated_calls(clean_run, photos, server, tmp_path):
+    s_clean, _, ok_clean, _ = clean_run
+    cfg = _cfg(photos, server, tmp_path / "run")
+    teacher = make_teacher(cfg, tmp_path / "run")
+    ok0 = _ok_requests(server)
+    with pytest.raises(Killed):
+        build(cfg, progress=False, teacher=KillAfter(teacher, 12))
+    teacher.close()
+    ok_killed = _ok_requests(server) - ok0
+    partial = read_jsonl(tmp_path / "run" / "responses.jsonl")
+    assert 0 < len(partial) < 50 and not (tmp_path / "run" / "summary.json").exists()
+    # what a hard kill can leave behind: a half-written group and a torn line
+    pending = next(r for r in read_jsonl(tmp_path / "run" / "instructions.jsonl")
+                   if r["instruction_id"] not in {p["instruction_id"] for p in partial} and "rocket" not in r["image_id"])
+    with (tmp_path / "run" / "responses.jsonl").open("a") as f:
+        f.write(json.dumps({"response_id": pending["instruction_id"] + "/s1", "instruction_id": pending["instruction_id"],
+                            "score": 1, "response": "half", "feedback": "half", "_of": 5}) + "\n")
+        f.write('{"response_id": "torn')
+
+    ok1 = _ok_requests(server)
+    s = build(cfg, progress=False)
+    ok_resumed = _ok_requests(server) - ok1
+    assert ok_killed + ok_resumed == ok_clean  # no successful call was made twice
+    assert s.counts == s_clean.counts and s.score_histogram == s_clean.score_histogram
+    rows = read_jsonl(tmp_path / "run" / "responses.jsonl")
+    ids = [r["response_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 50
+    assert all(r["response"] != "half" for r in rows)
+    assert sorted(r["id"] for r in read_jsonl(s.exports["jsonl"])) == sorted(r["id"] for r in read_jsonl(s_clean.exports["jsonl"]))

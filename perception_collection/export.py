@@ -11,8 +11,9 @@ Formats (one file each in the output folder, plus `export_info.json`):
   file whose `image` column is an `Image` feature holding the encoded bytes
   (`datasets.load_dataset("parquet", ...)` decodes it; our loaders read the bytes).
 - `feedback_collection` -> `feedback_collection.jsonl`: text-only Feedback Collection rows; the
-  image is replaced by its caption (`SourceImage.context`) through text_judge's caption bridge, so
-  a text judge trains on exactly the layout it is scored with.
+  image is replaced by its caption (`meta['caption']`, else `SourceImage.context`) through
+  text_judge's caption bridge, so a text judge trains on exactly the layout it is scored with.
+  Rows whose image has no caption are skipped and listed in export_info.json.
 - `pairwise` -> `pairwise.jsonl`: Preference-Collection-style pairs of two graded responses to one
   instruction with different scores, in the schema `train/data.py` and `vlm_judge/inputs.py` read
   (`orig_response_A`, `orig_response_B`, `orig_preference`, `orig_feedback`, rubric and reference),
@@ -68,6 +69,13 @@ def _rubric_columns(rubric: Rubric) -> dict[str, str]:
     out = {"orig_criteria": rubric.criteria}
     out.update({f"orig_score{i}_description": d for i, d in zip(SCORES, rubric.score_descriptions)})
     return out
+
+
+def caption_of(ex: Example) -> str:
+    """The text that stands in for the image in the text-only export: `meta['caption']` when the
+    source provides one (a caption without task answers), else `SourceImage.context`."""
+    cap = ex.image.meta.get("caption") if isinstance(ex.image.meta, dict) else None
+    return str(cap) if isinstance(cap, str) and cap.strip() else ex.image.context
 
 
 def perception_row(ex: Example, *, template: str = "default", image: str | None = None) -> dict[str, Any]:
@@ -271,7 +279,7 @@ def export_all(
             errors: dict[str, str] = {}
             src_rows = [perception_row(ex, template=template) for ex in examples]
             # keyed by row, not by image path: one file may carry different contexts (one per question)
-            context = {ex.id: ex.image.context for ex in examples}
+            context = {ex.id: caption_of(ex) for ex in examples}
             sources = sorted({ex.image.source for ex in examples})
             fc = list(perception_to_feedback(src_rows, lambda r, c=context: c.get(r["id"]),
                                              f"source context ({', '.join(sources)})", template, errors))

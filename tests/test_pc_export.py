@@ -113,6 +113,14 @@ def test_feedback_collection_rows_carry_the_caption(examples, tmp_path):
     info = json.loads((tmp_path / "export_info.json").read_text())
     assert len(info["skipped"]["feedback_collection"]) == 5
     assert "no caption" in next(iter(info["skipped"]["feedback_collection"].values()))
+    # a source's own caption (no task answers in it) is preferred over the teacher's context
+    from dataclasses import replace as rep
+
+    ex = examples[0]
+    ex = rep(ex, image=rep(ex.image, context="Question: what is it? Answer: (B)", meta={"caption": "An astronaut."}))
+    export_all([ex], tmp_path / "cap", ["feedback_collection"])
+    row = _jsonl(tmp_path / "cap" / "feedback_collection.jsonl")[0]
+    assert row["caption"] == "An astronaut." and "Answer: (B)" not in row["instruction"]
     exs, report = load_examples([written["feedback_collection"]], RowContext(kind="text"))
     assert len(exs) == 15 and not report.skipped
     assert all(not e.request.images for e in exs)

@@ -270,7 +270,9 @@ def load_mmmu(cfg: SourceConfig, run_dir: Path) -> tuple[list[SourceImage], list
             answer = str(row.get("answer") or "")
             meta = {"mmmu_id": rid, "subject": subject, "question": row.get("question", ""), "options": options,
                     "answer": answer, "question_type": row.get("question_type"), "img_type": row.get("img_type"),
-                    "n_images": len(imgs)}
+                    "n_images": len(imgs),
+                    # what the text-only export shows in place of the image: the question without its answer
+                    "caption": mmmu_context(subject, str(row.get("question") or ""), options, "")}
             yield image_id, target, mmmu_context(subject, str(row.get("question") or ""), options, answer), meta
 
     images, drops = _validated(candidates(), cfg, "mmmu", run_dir / "images" / "converted")

@@ -194,3 +194,97 @@ def test_killed_run_resumes_without_duplicates_or_repeated_calls(clean_run, phot
     assert len(ids) == len(set(ids)) == 50
     assert all(r["response"] != "half" for r in rows)
     assert sorted(r["id"] for r in read_jsonl(s.exports["jsonl"])) == sorted(r["id"] for r in read_jsonl(s_clean.exports["jsonl"]))
+
+
+def test_hard_killed_process_resumes(photos, tmp_path):
+    """SIGKILL a real `vlm-judge data build` process mid-responses, then resume: a complete, duplicate-free
+    result, and at most the calls that were in flight at the kill are made twice."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+
+    model = ScriptedVLM()
+
+    def slow_responses(n, body):
+        parts = body["messages"][-1]["content"]
+        text = "\n".join(p.get("text", "") for p in parts) if isinstance(parts, list) else parts
+        if "FAULT500" in text and stage_of(text) == "instructions":
+            return Fault(500, message="teacher replica crashed")
+        return Fault(status=None, delay=0.1) if stage_of(text) == "responses" else None
+
+    with start_server(model, faults=slow_responses) as srv:
+        cfg = _cfg(photos, srv, tmp_path / "run", teacher={
+            "kind": "openai", "model": "scripted-vlm", "base_url": srv.base_url, "concurrency": 2,
+            "max_retries": 1, "backend_args": {"backoff": 0.01}})
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(cfg.to_yaml())
+        repo = Path(__file__).resolve().parents[1]
+        proc = subprocess.Popen([sys.executable, "-m", "perception_collection.cli", "build", str(recipe), "--no-progress"],
+                                cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        responses = tmp_path / "run" / "responses.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if responses.is_file() and len(responses.read_text().splitlines()) >= 10:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.kill()
+        proc.wait()
+        ok_killed = _ok_requests(srv)
+        n_partial = len(read_jsonl(responses))
+        assert 10 <= n_partial < 50
+
+        s = build(cfg, progress=False)
+        ok_resumed = _ok_requests(srv) - ok_killed
+        cfg_clean = _cfg(photos, srv, tmp_path / "clean", teacher=cfg.to_dict()["teacher"])
+        build(cfg_clean, progress=False)
+        ok_clean = _ok_requests(srv) - ok_killed - ok_resumed
+    ids = [r["response_id"] for r in read_jsonl(responses)]
+    assert len(ids) == len(set(ids)) == 50 and s.counts["kept"] == 50
+    assert ok_clean <= ok_killed + ok_resumed <= ok_clean + cfg.teacher.concurrency
+
+
+def test_noisy_stage_added_to_a_finished_run_costs_only_its_own_calls(clean_run, photos, server, tmp_path):
+    import shutil
+
+    _, out, _, _ = clean_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    model_calls = dict(server.model.calls)
+    s = build(_cfg(photos, server, run, noisy=True), progress=False)
+    new = {k: v - model_calls.get(k, 0) for k, v in server.model.calls.items() if v != model_calls.get(k, 0)}
+    # one pair per kept instruction (10): a noisy instruction and two answers each; moon's 2 failing
+    # instruction calls are retried (they never reach the model)
+    assert new == {"noisy": 10, "answer": 20}
+    assert s.noisy_pairs == 10
+    pairs = read_jsonl(s.exports["pairwise"])
+    noisy = [p for p in pairs if p.get("pair_source") == "noisy_instruction"]
+    assert len(noisy) == 10 and all((Path(s.exports["pairwise"]).parent / p["image"]).is_file() for p in noisy)
+    assert len(read_jsonl(run / "noisy.jsonl")) == 10
+
+
+def test_mmmu_build_keeps_the_answer_out_of_the_text_only_export(server, tmp_path, sample_images):
+    import datasets
+
+    rows = {"id": ["validation_Art_1", "validation_Art_2"],
+            "question": ["Which animal is in <image 1>?", "What is the person in <image 1> wearing?"],
+            "options": ["['dog', 'cat']", "['a space suit', 'a raincoat']"], "answer": ["B", "A"],
+            "image_1": [{"bytes": sample_images["chelsea"].read_bytes(), "path": None},
+                        {"bytes": sample_images["astronaut"].read_bytes(), "path": None}]}
+    feats = datasets.Features({"id": datasets.Value("string"), "question": datasets.Value("string"),
+                               "options": datasets.Value("string"), "answer": datasets.Value("string"),
+                               "image_1": datasets.Image()})
+    pq = tmp_path / "mmmu.parquet"
+    datasets.Dataset.from_dict(rows, features=feats).to_parquet(str(pq))
+    cfg = _cfg(None, server, tmp_path / "run", source={"kind": "mmmu", "path": str(pq)},
+               counts={"rubrics_per_image": 1, "instructions_per_rubric": 1, "paraphrase_rubrics": False})
+    s = build(cfg, progress=False)
+    assert s.counts["images"] == 2 and s.counts["kept"] == 10
+    teacher_saw = [json.loads(line) for line in (tmp_path / "run" / "sources.jsonl").read_text().splitlines()]
+    assert all("Answer:" in im["context"] for im in teacher_saw)  # the teacher is told the answer
+    fc = read_jsonl(s.exports["feedback_collection"])
+    assert len(fc) == 10 and all("Answer: " not in r["instruction"] for r in fc)
+    assert any("(B) cat" in r["instruction"] for r in fc)

@@ -105,6 +105,8 @@ def test_mmmu_parquet_written_by_datasets(tmp_path, sample_images):
     cat = images[0]
     assert cat.meta["subject"] == "Art" and cat.meta["answer"] == "B" and cat.meta["options"] == ["dog", "cat", "horse"]
     assert "(B) cat" in cat.context and "What animal is shown in the image?" in cat.context and "Answer: B" in cat.context
+    # the text-only export's stand-in for the image must not give the answer away
+    assert "(B) cat" in cat.meta["caption"] and "Answer" not in cat.meta["caption"]
     # the image bytes were written under the run folder, unchanged
     assert Path(cat.path).is_relative_to(run.resolve()) and Path(cat.path).read_bytes() == sample_images["chelsea"].read_bytes()
     reasons = {d.id: d.reason for d in drops}

@@ -148,3 +148,26 @@ def test_over_real_server_image_is_sent_and_500_is_reported(image):
             teacher.paraphrase_rubric(image, rubrics[0][0])
         client.close()
     assert srv.stats.statuses.count(500) == 2 and teacher.stats.errors == 1
+
+
+def test_hf_teacher_kind_runs_a_local_model_and_reports_its_unusable_output(tiny_llava_dir, sample_images, tmp_path):
+    """kind 'hf': a real (tiny, random) LLaVA writes the text on CPU. Its output is noise, so every
+    item is a TeacherError naming the parse problem: the wiring works, and nothing is invented."""
+    from perception_collection.config import BuildConfig
+    from perception_collection.teacher import make_teacher
+
+    cfg = BuildConfig.from_dict({
+        "source": {"kind": "folder", "path": str(tmp_path)},
+        "teacher": {"kind": "hf", "model": str(tiny_llava_dir), "max_tokens": 8, "temperature": 0.0,
+                    "parse_retries": 0, "backend_args": {"device": "cpu"}},
+    })
+    teacher = make_teacher(cfg, tmp_path / "run")
+    assert isinstance(teacher, LLMTeacher)
+    image = SourceImage("folder-rocket", str(sample_images["rocket"]), "folder", context="A rocket.")
+    with pytest.raises(TeacherError, match="JSON|empty"):
+        teacher.instructions(image, RUBRIC, 1)
+    assert teacher.stats.calls == 1 and teacher.stats.completion_tokens > 0
+    with pytest.raises(TeacherError):  # the same request again: answered from the run's cache
+        teacher.instructions(image, RUBRIC, 1)
+    assert teacher.stats.calls == 1 and teacher.stats.cache_hits == 1
+    teacher.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import time
 from collections import Counter
@@ -80,9 +81,12 @@ class BuildSummary:
 
 
 def _reason_head(reason: str) -> str:
-    """Group drop reasons that differ only in details (ids, quoted text, numbers) for the table."""
-    head = reason.split(": '")[0].split(' "')[0]
-    return head[:100]
+    """Group drop reasons that differ only in details (paths, request numbers, URLs, measured
+    ratios, quoted text) for the table; drops.jsonl keeps every reason in full."""
+    r = re.sub(r"\s*\((?:request \d+|https?://[^)]*)\)", "", reason)
+    r = re.sub(r"(?<=\s)/\S+?(?=:|\s|$)", "<path>", r)
+    r = re.sub(r"\d+\.\d+", "#", r)
+    return r.split(": '")[0].split(' "')[0][:120]
 
 
 def _drop_table(drops: list[Drop]) -> dict[str, dict[str, int]]:

@@ -58,9 +58,9 @@ def run(
     done = {k: v for k, v in load_groups(path, "rubric_id").items() if k in wanted}
     records = [Instruction.from_dict(strip_tags(r)) for rows in done.values() for r in rows]
     todo = [r for r in rubrics if r.rubric_id in wanted and r.rubric_id not in done]
-    drops: list[Drop] = []
+    drop_file, drops = open_drops(run_dir, STAGE, done)
     n_done = 0
-    with JsonlWriter(path) as out, open_drops(run_dir, STAGE) as drop_file:
+    with JsonlWriter(path) as out, drop_file:
         work = run_concurrently(todo, lambda r: instructions_for_rubric(images[r.image_id], r, teacher, cfg),
                                 cfg.teacher.concurrency, STAGE, progress)
         for rubric, result, err in work:

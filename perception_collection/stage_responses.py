@@ -85,9 +85,9 @@ def run(
     done = {k: v for k, v in load_groups(path, "instruction_id").items() if k in wanted}
     records = [GradedResponse.from_dict(strip_tags(r)) for rows in done.values() for r in rows]
     todo = [i for i in instructions if i.instruction_id in wanted and i.instruction_id not in done]
-    drops: list[Drop] = []
+    drop_file, drops = open_drops(run_dir, STAGE, done)  # (a responses drop always means the item is not done)
     n_done = 0
-    with JsonlWriter(path) as out, open_drops(run_dir, STAGE) as drop_file:
+    with JsonlWriter(path) as out, drop_file:
         work = run_concurrently(
             todo, lambda i: responses_for_instruction(images[i.image_id], rubrics[i.rubric_id], i, teacher, cfg),
             cfg.teacher.concurrency, STAGE, progress)

@@ -70,9 +70,9 @@ def run(
     done = {k: v for k, v in load_groups(path, "image_id").items() if k in wanted}
     records = [ImageRubric.from_dict(strip_tags(r)) for rows in done.values() for r in rows]
     todo = [im for im in images if im.image_id not in done]
-    drops: list[Drop] = []
+    drop_file, drops = open_drops(run_dir, STAGE, done)
     n_done = 0
-    with JsonlWriter(path) as out, open_drops(run_dir, STAGE) as drop_file:
+    with JsonlWriter(path) as out, drop_file:
         work = run_concurrently(todo, lambda im: rubrics_for_image(im, seeds, teacher, cfg),
                                 cfg.teacher.concurrency, STAGE, progress)
         for image, result, err in work:

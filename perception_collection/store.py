@@ -204,10 +204,22 @@ class StageResult(Generic[T]):
     """Parent items completed in this run."""
 
 
-def open_drops(run_dir: Path, stage: str) -> JsonlWriter:
-    """This run's drop file for a stage. Started afresh: dropped items are retried on each run
-    (from the cache when the failure was in the teacher's text, so a repeat costs nothing)."""
-    return JsonlWriter(Path(run_dir) / "drops" / f"{stage}.jsonl", truncate=True)
+def open_drops(run_dir: Path, stage: str, done: set[str] | dict | None = None) -> tuple[JsonlWriter, list[Drop]]:
+    """The stage's drop file, and the drops kept from earlier runs.
+
+    A drop's id is the parent item it belongs to. Drops of items found done (e.g. a near-duplicate
+    rubric dropped from an image whose rubrics were saved) are kept, so a resumed run's summary
+    still reports them; drops of unfinished items are discarded, because those items are retried
+    (from the cache when the failure was in the teacher's text, so a repeat costs nothing).
+    """
+    path = Path(run_dir) / "drops" / f"{stage}.jsonl"
+    keep = set(done or ())
+    old = [Drop(str(r["id"]), str(r["stage"]), str(r["reason"])) for r in read_jsonl(path)
+           if {"id", "stage", "reason"} <= set(r) and r["id"] in keep]
+    writer = JsonlWriter(path, truncate=True)
+    for d in old:
+        writer.write(d.to_dict())
+    return writer, old
 
 
 def reason_of(err: BaseException) -> str:

@@ -97,10 +97,11 @@ def test_full_build_counts_drops_and_exports(clean_run):
     assert s.score_histogram == {s_: 10 for s_ in SCORES}
     assert set(s.words_by_score) == set(SCORES) and max(s.words_by_score.values()) <= 1.2 * min(s.words_by_score.values())
     drops = s.drops
-    assert drops["source"] == {"cannot decode image " + str(out).split("/clean")[0]: 1} or sum(drops["source"].values()) == 1
-    assert sum(drops["rubrics"].values()) == 2
-    assert sum(drops["instructions"].values()) == 2 and "HTTP 500 after 1 retry" in next(iter(drops["instructions"]))
-    assert sum(drops["responses"].values()) == 4 and "length ratio" in next(iter(drops["responses"]))
+    # the table groups reasons that differ only in paths, request numbers and measured ratios
+    assert list(drops["source"].values()) == [1] and next(iter(drops["source"])).startswith("cannot decode image <path>")
+    assert drops["rubrics"] == {"near-duplicate rubric dropped": 1, "no JSON object in teacher output": 1}
+    assert drops["instructions"] == {"teacher call failed: HTTP 500 after 1 retry: teacher replica crashed": 2}
+    assert drops["responses"] == {"length ratio # over 2 after 3 tries (max/min words of the five responses)": 4}
     # each reason is in the drops file, by id
     rows = {(d["stage"], d["id"]): d["reason"] for d in read_jsonl(out / "drops.jsonl")}
     assert "cannot decode" in rows[("source", "folder-corrupt.jpg")]
@@ -137,6 +138,7 @@ def test_rerun_makes_no_new_successful_call_and_changes_nothing(clean_run, photo
     # malformed output (2 tries) and rocket's 4 x 3 unmatched tries come from the cache, for free
     assert s2.teacher["calls"] == 2 and s2.teacher["errors"] == 2 and s2.teacher["cache_hits"] == 2 + 12
     assert s2.counts == s1.counts
+    assert s2.drops == s1.drops  # drops of resumed items (the duplicate rubric) are still reported
     assert read_jsonl(s2.exports["jsonl"]) == before
     for name in ("rubrics", "instructions", "responses"):
         ids = [r.get("response_id") or r.get("instruction_id") or r.get("rubric_id") for r in read_jsonl(out / f"{name}.jsonl")]

@@ -170,7 +170,10 @@ def _mmmu_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     """Rows of MMMU-format data with the subject hint from the folder name: a parquet file, a
     folder of parquet files (MMMU's `<Subject>/<split>-*.parquet`), or a `save_to_disk` folder."""
     if path.is_dir() and any((path / n).is_file() for n in ("state.json", "dataset_dict.json")):
-        import datasets
+        try:
+            import datasets
+        except ImportError as e:
+            raise ImportError("reading a save_to_disk folder needs datasets: pip install 'vlm-judge[data]'") from e
 
         loaded = datasets.load_from_disk(str(path))
         splits = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
@@ -183,7 +186,10 @@ def _mmmu_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise SourceError(f"MMMU data not found at {path} (expected a .parquet file or a folder of them)")
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError("reading MMMU parquet files needs pyarrow: pip install 'vlm-judge[data]'") from e
 
     for f in files:
         try:

@@ -290,3 +290,27 @@ def test_mmmu_build_keeps_the_answer_out_of_the_text_only_export(server, tmp_pat
     fc = read_jsonl(s.exports["feedback_collection"])
     assert len(fc) == 10 and all("Answer: " not in r["instruction"] for r in fc)
     assert any("(B) cat" in r["instruction"] for r in fc)
+
+
+def test_easyvqa_with_the_answer_grounded_teacher(tmp_path):
+    """No model at all: easy-vqa's shapes with the teacher that writes from gold answers (runs once
+    the modules providing `sources_easyvqa.load_source` and `vqa_teacher.AnswerGroundedTeacher` exist)."""
+    pytest.importorskip("easy_vqa")
+    import importlib
+
+    vqa = importlib.import_module("perception_collection.vqa_teacher")
+    src = importlib.import_module("perception_collection.sources_easyvqa")
+    if not hasattr(vqa, "AnswerGroundedTeacher") or not hasattr(src, "load_source"):
+        pytest.skip("AnswerGroundedTeacher / sources_easyvqa.load_source not available yet")
+    cfg = BuildConfig.from_dict({
+        "source": {"kind": "easyvqa", "limit": 4},
+        "counts": {"rubrics_per_image": 1, "instructions_per_rubric": 2},
+        "teacher": {"kind": "answer_grounded"},
+        "export": ["jsonl"],
+        "out": str(tmp_path / "run"),
+    })
+    s = build(cfg, progress=False)
+    assert s.counts["images"] == 4 and s.counts["kept"] > 0
+    assert len(set(s.score_histogram.values())) == 1  # every score equally often
+    again = build(cfg, progress=False)
+    assert again.counts == s.counts and again.resumed["responses"] * 5 == s.counts["responses"]

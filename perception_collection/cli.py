@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="run folder (a re-run with the same folder resumes)")
     b.add_argument("--limit", type=int, help="use at most N images")
     b.add_argument("--concurrency", type=int, help="teacher calls in flight")
-    b.add_argument("--no-progress", action="store_true", help="no progress bars or summary table")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars (the summary is still printed)")
     b.add_argument("--dry-run", action="store_true", help="validate the recipe, print it resolved, and stop")
     sub.add_parser("recipes", help="list the shipped recipes")
     return ap
@@ -92,12 +92,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from perception_collection.pipeline import build
     from perception_collection.sources import SourceError
+    from perception_collection.store import RunLocked
 
     try:
         summary = build(cfg, progress=not args.no_progress)
     except SourceError as e:
         print(f"vlm-judge data build: cannot read the source: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RunLocked as e:
+        print(f"vlm-judge data build: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except ImportError as e:
         print(f"vlm-judge data build: missing dependency: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nvlm-judge data build: interrupted; run the same command again to resume in {cfg.out}",
               file=sys.stderr)
         return 130
+    if args.no_progress:  # (with progress on, build() has printed it)
+        print(summary.format_table())
     if summary.counts.get("kept", 0) == 0:
         print(f"vlm-judge data build: no example was produced; see {cfg.out}/drops.jsonl for the reasons",
               file=sys.stderr)

@@ -26,7 +26,7 @@ from perception_collection import stage_instructions, stage_responses, stage_rub
 from perception_collection.config import BuildConfig
 from perception_collection.rows import SCORES, Drop, Example, Teacher
 from perception_collection.sources import load_source
-from perception_collection.store import JsonlWriter, read_jsonl
+from perception_collection.store import JsonlWriter, read_jsonl, run_lock
 
 
 @dataclass
@@ -129,15 +129,21 @@ def join_examples(images: dict, rubrics: dict, instructions: dict, responses: li
 
 def build(cfg: BuildConfig, progress: bool = True, teacher: Teacher | None = None) -> BuildSummary:
     """Run (or resume) a build in `cfg.out` and return its summary. `teacher` overrides the one
-    the config describes (tests, or a caller holding a model in memory)."""
+    the config describes (tests, or a caller holding a model in memory). Raises RunLocked when
+    another build is running in the same folder."""
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        return _build(cfg, run_dir, progress, teacher)
+
+
+def _build(cfg: BuildConfig, run_dir: Path, progress: bool, teacher: Teacher | None) -> BuildSummary:
     from perception_collection.export import export_all
     from perception_collection.filters import apply_filters
     from perception_collection.seeds import load_seeds
     from perception_collection.teacher import make_teacher
 
     t0 = time.monotonic()
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     _write_run_info(cfg, run_dir)
     summary = BuildSummary(run_dir=str(run_dir))
     all_drops: list[Drop] = []

@@ -8,6 +8,7 @@ from a killed run is discarded (and the file is compacted), never half-used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -225,3 +226,29 @@ def open_drops(run_dir: Path, stage: str, done: set[str] | dict | None = None) -
 def reason_of(err: BaseException) -> str:
     """A Drop reason: a TeacherError's own message; anything else is a bug worth naming."""
     return str(err) if isinstance(err, TeacherError) else f"unexpected {type(err).__name__}: {err}"
+
+
+class RunLocked(RuntimeError):
+    """Another process is building into the same run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder: two builds appending to the same files would
+    interleave their items. The OS releases the lock when the process dies, so a killed run
+    never leaves a stale lock behind."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no protection, as before
+        yield
+        return
+    path = Path(run_dir) / ".lock"
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise RunLocked(f"another build is running in {run_dir} (lock {path})") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

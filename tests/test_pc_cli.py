@@ -110,3 +110,17 @@ def test_build_where_every_teacher_call_fails_exits_1(tmp_path, photo_dir, capsy
     assert "no example was produced" in capsys.readouterr().err
     drops = [json.loads(line) for line in (tmp_path / "default-out" / "drops.jsonl").read_text().splitlines()]
     assert len(drops) == 2 and all("HTTP 503" in d["reason"] and "down for maintenance" in d["reason"] for d in drops)
+
+
+def test_second_build_in_the_same_folder_is_refused_while_one_runs(tmp_path, photo_dir, capsys):
+    from perception_collection.store import run_lock
+
+    with start_server(ScriptedVLM()) as srv:
+        recipe = _recipe(tmp_path, photo_dir, srv.base_url)
+        out = tmp_path / "default-out"
+        out.mkdir()
+        with run_lock(out):  # as if another process were building there
+            assert main(["build", str(recipe), "--no-progress"]) == 1
+        assert "another build is running" in capsys.readouterr().err
+        assert main(["build", str(recipe), "--no-progress"]) == 0  # released: it runs
+    assert "score   examples" in capsys.readouterr().out

@@ -84,7 +84,7 @@ def _reason_head(reason: str) -> str:
     """Group drop reasons that differ only in details (paths, request numbers, URLs, measured
     ratios, quoted text) for the table; drops.jsonl keeps every reason in full."""
     r = re.sub(r"\s*\((?:request \d+|https?://[^)]*)\)", "", reason)
-    r = re.sub(r"(?<=\s)/\S+?(?=:|\s|$)", "<path>", r)
+    r = re.sub(r"(?<=[\s'\"])/[^\s'\"]+?(?=[:'\"\s]|$)", "<path>", r)
     r = re.sub(r"\d+\.\d+", "#", r)
     return r.split(": '")[0].split(' "')[0][:120]
 
@@ -94,6 +94,17 @@ def _drop_table(drops: list[Drop]) -> dict[str, dict[str, int]]:
     for d in drops:
         table.setdefault(d.stage, Counter())[_reason_head(d.reason)] += 1
     return {k: dict(v) for k, v in table.items()}
+
+
+def _export_skips(info_path: Path) -> list[Drop]:
+    """Rows an exporter could not write in one format (e.g. no caption for the text-only export),
+    as drops of stage 'export:<format>' (the other formats still have them)."""
+    try:
+        skipped = json.loads(info_path.read_text()).get("skipped") or {}
+    except (OSError, ValueError):
+        return []
+    return [Drop(str(row_id), f"export:{fmt}", str(reason))
+            for fmt, rows in skipped.items() if isinstance(rows, dict) for row_id, reason in rows.items()]
 
 
 def _write_run_info(cfg: BuildConfig, run_dir: Path) -> None:
@@ -184,6 +195,7 @@ def _build(cfg: BuildConfig, run_dir: Path, progress: bool, teacher: Teacher | N
 
         # noisy-instruction pairs join the pairwise export (the only format with a place for them)
         summary.exports = export_all(kept, run_dir / "export", cfg.export, seed=cfg.seed, extra_pairs=noisy_rows)
+        all_drops += _export_skips(run_dir / "export" / "export_info.json")
     finally:
         stats = getattr(teacher, "stats", None)
         if own_teacher and hasattr(teacher, "close"):

@@ -83,7 +83,7 @@ def _recipe(tmp_path, photo_dir, base_url) -> Path:
         "counts": {"rubrics_per_image": 1, "instructions_per_rubric": 2},
         "teacher": {"kind": "openai", "model": "scripted-vlm", "base_url": base_url, "concurrency": 2,
                     "max_retries": 0},
-        "export": ["jsonl", "parquet"],
+        "export": ["jsonl", "parquet", "feedback_collection"],
         "out": str(tmp_path / "default-out"),
     }))
     return p
@@ -99,6 +99,8 @@ def test_vlm_judge_data_build_runs_a_recipe_over_a_real_server(tmp_path, photo_d
     s = json.loads((out / "summary.json").read_text())
     assert s["counts"]["images"] == 1 and s["counts"]["kept"] == 10  # 1 image x 1 rubric x 2 instructions x 5
     assert (out / "export" / "perception_collection.parquet").is_file()
+    # photos without metadata have no caption: the text-only export skips them, and says so
+    assert s["drops"] == {"export:feedback_collection": {"no caption for image '<path>'": 10}}
     saved = BuildConfig.from_yaml(out / "recipe.yaml")  # the resolved recipe, flags applied
     assert saved.out == str(out) and saved.source.limit == 1
 

@@ -49,6 +49,9 @@ class SourceConfig:
     """Refuse images with more pixels than this (checked from the header, before decoding)."""
     min_side: int = 32
     """Refuse images whose shorter side is smaller than this (icons, spacer pixels)."""
+    max_side: int | None = None
+    """Send the teacher a copy scaled down to this longer side (fewer image tokens, smaller requests);
+    None: the original. The exported rows reference what the teacher saw."""
     skip_multi_image: bool = True
     """mmmu: drop questions with more than one image (a SourceImage shows one image to the teacher)."""
 
@@ -66,6 +69,8 @@ class SourceConfig:
             raise ConfigError(f"source.limit must be a positive integer or null, got {self.limit!r}")
         if self.max_pixels < 1 or self.min_side < 1:
             raise ConfigError("source.max_pixels and source.min_side must be >= 1")
+        if self.max_side is not None and self.max_side < self.min_side:
+            raise ConfigError(f"source.max_side ({self.max_side}) must be null or >= source.min_side ({self.min_side})")
 
 
 @dataclass

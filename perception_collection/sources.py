@@ -23,8 +23,7 @@ from typing import Any
 
 from perception_collection.config import SourceConfig
 from perception_collection.rows import Drop, SourceImage
-from vlm_judge.images import ImageError, load_image
-from vlm_judge.records import ImageRef
+from vlm_judge.images import ImageError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _SERVER_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -51,25 +50,42 @@ def validate_image(path: str | Path, cfg: SourceConfig, convert_dir: Path | None
     p = Path(path)
     if not p.is_file():
         raise ImageError(f"image file not found: {p}")
-    im = load_image(ImageRef(path=str(p.resolve())), max_pixels=cfg.max_pixels)  # RGB, decoded, bomb-checked
-    w, h = im.size
+    # decoded here without vlm_judge.images' cache: validating a whole dataset must not keep
+    # hundreds of decoded images alive; the same checks, in the same order
+    try:
+        with Image.open(p) as raw:
+            fmt, mode = raw.format, raw.mode
+            n_frames = getattr(raw, "n_frames", 1)
+            w, h = raw.size
+            if w * h > cfg.max_pixels:  # from the header: a bomb is never decoded
+                raise ImageError(f"image {p} is {w}x{h}, over the {cfg.max_pixels}-pixel limit")
+            raw.load()
+            im = raw.convert("RGB")
+    except ImageError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise ImageError(f"cannot decode image {p}: {type(e).__name__}: {e}") from e
     if min(w, h) < cfg.min_side:
         raise ImageError(f"image is {w}x{h}, shorter side under source.min_side={cfg.min_side}")
-    with Image.open(p) as raw:
-        fmt, mode = raw.format, raw.mode
-        n_frames = getattr(raw, "n_frames", 1)
-    if fmt in _SERVER_FORMATS and mode in ("RGB", "L") and n_frames == 1:
+    too_big = cfg.max_side is not None and max(w, h) > cfg.max_side
+    if fmt in _SERVER_FORMATS and mode in ("RGB", "L") and n_frames == 1 and not too_big:
         return str(p.resolve()), {"width": w, "height": h}
     if convert_dir is None:
         raise ImageError(f"image needs converting ({fmt} {mode}) but no folder was given for the RGB copy")
     convert_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha1(p.read_bytes()).hexdigest()[:16]
-    out = convert_dir / f"{p.stem}-{digest}.png"
+    size_tag = f"-{cfg.max_side}" if too_big else ""
+    out = convert_dir / f"{p.stem}-{digest}{size_tag}.png"
+    if too_big:
+        im.thumbnail((cfg.max_side, cfg.max_side))  # keeps the aspect ratio
     if not out.is_file():
         tmp = out.with_suffix(".png.tmp")
         im.save(tmp, format="PNG")
         tmp.replace(out)
-    return str(out.resolve()), {"width": w, "height": h, "converted_from": f"{fmt} {mode}"}
+    info = {"width": im.width, "height": im.height, "converted_from": f"{fmt} {mode}"}
+    if too_big:
+        info["original_size"] = [w, h]
+    return str(out.resolve()), info
 
 
 def _validated(

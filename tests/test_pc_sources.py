@@ -181,6 +181,13 @@ def test_folder_pixel_limit_and_csv_metadata(folder, tmp_path):
     assert rocket.context == "Launch day." and rocket.meta["grade"] == "7"
 
 
+def test_max_side_sends_a_scaled_copy(folder, tmp_path):
+    images, _ = load_source(SourceConfig(kind="folder", path=str(folder), max_side=40), tmp_path / "run")
+    rocket = next(im for im in images if im.image_id == "folder-rocket.jpg")
+    assert Image.open(rocket.path).size == (40, 40) and rocket.meta["original_size"] == [64, 64]
+    assert (folder / "rocket.jpg").is_file() and Image.open(folder / "rocket.jpg").size == (64, 64)  # original untouched
+
+
 def test_validate_image_refuses_conversion_without_folder(folder):
     cfg = SourceConfig(kind="folder", path=str(folder))
     path, size = validate_image(folder / "rocket.jpg", cfg)

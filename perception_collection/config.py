@@ -248,6 +248,7 @@ class BuildConfig:
         return d
 
     def to_yaml(self) -> str:
+        """The recipe as YAML (what `from_yaml` reads back)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> BuildConfig:

@@ -52,6 +52,7 @@ class BuildSummary:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain mapping (what summary.json holds)."""
         return asdict(self)
 
     def format_table(self) -> str:

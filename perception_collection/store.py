@@ -59,6 +59,7 @@ class JsonlWriter:
         self._lock = threading.Lock()
 
     def write(self, obj: dict[str, Any]) -> None:
+        """Append one line (untagged: a record that is an item of its own)."""
         self.write_group([obj], tag=False)
 
     def write_group(self, objs: list[dict[str, Any]], tag: bool = True) -> None:
@@ -72,6 +73,7 @@ class JsonlWriter:
             self._f.flush()
 
     def close(self) -> None:
+        """Close the file (every line was already flushed)."""
         with self._lock:
             if not self._f.closed:
                 self._f.close()

@@ -114,10 +114,12 @@ class TeacherCache:
             self._writer = JsonlWriter(self.path)
 
     def get(self, key: str) -> dict[str, Any] | None:
+        """The cached generation for a request key, or None."""
         with self._lock:
             return self._mem.get(key)
 
     def put(self, key: str, row: dict[str, Any]) -> None:
+        """Remember a generation, and append it to the file at once (a kill keeps it)."""
         row = {"key": key, **row}
         with self._lock:
             self._mem[key] = row
@@ -128,6 +130,7 @@ class TeacherCache:
         return len(self._mem)
 
     def close(self) -> None:
+        """Close the cache file."""
         if self._writer is not None:
             self._writer.close()
 
@@ -178,6 +181,7 @@ class TeacherStats:
     completion_tokens: int = 0
 
     def to_dict(self) -> dict[str, int]:
+        """The counters as a plain mapping (for summary.json)."""
         return dict(self.__dict__)
 
 
@@ -337,6 +341,7 @@ class LLMTeacher:
         return self._ask(image, user, lambda obj: _text(obj, "answer", "answer"))
 
     def close(self) -> None:
+        """Close the cache file and the backend's connections."""
         self.cache.close()
         close = getattr(self.backend, "close", None)
         if callable(close):

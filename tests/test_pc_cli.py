@@ -28,8 +28,10 @@ def test_every_shipped_recipe_loads_validates_and_round_trips():
 
 def test_dry_run_prints_the_resolved_recipe_with_overrides(capsys):
     assert main(["build", "coco-small", "--dry-run", "--limit", "3", "--out", "runs/x",
-                 "teacher.base_url=http://gpu:9000/v1", "counts.rubrics_per_image=4"]) == 0
+                 "teacher.base_url=http://gpu:9000/v1", "counts.rubrics_per_image=4", "filters.max_length_ratio=2.5",
+                 "export=[jsonl, pairwise]"]) == 0
     d = yaml.safe_load(capsys.readouterr().out)
+    assert d["filters"]["max_length_ratio"] == 2.5 and d["export"] == ["jsonl", "pairwise"]
     assert d["source"]["limit"] == 3 and d["out"] == "runs/x"
     assert d["teacher"]["base_url"] == "http://gpu:9000/v1" and d["counts"]["rubrics_per_image"] == 4
 

@@ -128,3 +128,28 @@ def test_second_build_in_the_same_folder_is_refused_while_one_runs(tmp_path, pho
         assert "another build is running" in capsys.readouterr().err
         assert main(["build", str(recipe), "--no-progress"]) == 0  # released: it runs
     assert "score   examples" in capsys.readouterr().out
+
+
+def test_shipped_coco_recipe_runs_with_its_paths_pointed_at_real_files(tmp_path, sample_images, capsys):
+    """The recipe users copy works as shipped once its paths and server are set by overrides."""
+    img_dir = tmp_path / "val2017"
+    img_dir.mkdir()
+    images = []
+    for i, name in enumerate(("astronaut", "chelsea"), start=1):
+        Image.open(sample_images[name]).convert("RGB").save(img_dir / f"{i:012d}.jpg")
+        images.append({"id": i, "file_name": f"{i:012d}.jpg"})
+    (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": [
+        {"id": 1, "image_id": 1, "caption": "An astronaut with a helmet."},
+        {"id": 2, "image_id": 2, "caption": "A cat with orange fur."}]}))
+    (tmp_path / "instances.json").write_text(json.dumps({"images": images, "categories": [{"id": 1, "name": "person"}],
+                                                         "annotations": [{"id": 1, "image_id": 1, "category_id": 1}]}))
+    with start_server(ScriptedVLM()) as srv:
+        rc = main(["build", "coco-small", "--out", str(tmp_path / "run"), "--no-progress",
+                   f"source.images={img_dir}", f"source.captions={tmp_path / 'captions.json'}",
+                   f"source.instances={tmp_path / 'instances.json'}", f"teacher.base_url={srv.base_url}",
+                   "teacher.model=scripted-vlm", "counts.instructions_per_rubric=1"])
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["counts"]["images"] == 2 and s["counts"]["kept"] == 20  # 2 images x 2 rubrics x 1 x 5
+    fc = [json.loads(line) for line in (tmp_path / "run" / "export" / "feedback_collection.jsonl").read_text().splitlines()]
+    assert len(fc) == 20 and any("An astronaut with a helmet." in r["instruction"] for r in fc)

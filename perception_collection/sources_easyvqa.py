@@ -10,15 +10,16 @@ answers. For the answer-grounded teacher we need, per image, the facts a justifi
   Images whose shape is neither clearly small nor clearly large are skipped with that reason, so a
   size claim is never a coin flip for the judge.
 
-Nothing is downloaded: the images are files inside the installed package.
+Nothing is downloaded: the images are files inside the installed package (or a folder with the
+same layout). `load_source` hands them to the data builder as `rows.SourceImage`s.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -143,52 +144,74 @@ def size_of(cov: float) -> str | None:
     return None
 
 
+def data_root(root: str | Path | None = None) -> Path:
+    """The folder holding easy-vqa's splits (`<root>/<split>/questions.json`, `<root>/<split>/images/`):
+    `root` when given, else the data folder inside the installed `easy-vqa` package."""
+    if root is not None:
+        return Path(root)
+    try:
+        import easy_vqa
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the easy-vqa image source needs the easy-vqa package: pip install 'vlm-judge[demo]' "
+                          "(or pass root= a folder with the easy-vqa data layout)") from e
+    return Path(easy_vqa.__file__).resolve().parent / "data"
+
+
+def _read_split(split: str, root: Path) -> tuple[list[tuple[str, str, int]], dict[int, str]]:
+    """(question, answer, image id) triples and image paths of one split, read from the data files."""
+    import json
+
+    if split not in ("train", "test"):
+        raise ValueError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
+    qfile = root / split / "questions.json"
+    if not qfile.is_file():
+        raise FileNotFoundError(f"easy-vqa questions not found: {qfile}")
+    triples = [(str(q), str(a), int(i)) for q, a, i in json.loads(qfile.read_text(encoding="utf-8"))]
+    images = root / split / "images"
+    paths = {int(p.stem): str(p) for p in images.glob("*.png") if p.stem.isdigit()} if images.is_dir() else {}
+    return triples, paths
+
+
 def load_easyvqa(
     split: Split = "train",
     limit: int | None = None,
     asks: tuple[str, ...] = ("color", "shape"),
     neutral_only: bool = True,
+    root: str | Path | None = None,
 ) -> tuple[list[EasyVQAImage], list[Skipped]]:
     """Images of one easy-vqa split with their facts and the questions asking about `asks`.
 
     neutral_only: keep only questions that name no colour or shape ('what color is the shape?', not
     'what color is the circle?'): a question that names a fact would tell a blind judge whether a
     response's justification is right.
+    root: a folder with easy-vqa's data layout (default: the installed package's; see data_root).
 
     Returns (images, skipped); images come in id order, so the same call gives the same list.
-    Needs the `easy-vqa` package (pip install 'vlm-judge[demo]').
     """
-    try:
-        import easy_vqa
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the easy-vqa image source needs the easy-vqa package: pip install 'vlm-judge[demo]'") from e
-    if split == "train":
-        qs, ans, ids = easy_vqa.get_train_questions()
-        paths = easy_vqa.get_train_image_paths()
-    elif split == "test":
-        qs, ans, ids = easy_vqa.get_test_questions()
-        paths = easy_vqa.get_test_image_paths()
-    else:
-        raise ValueError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
+    triples, paths = _read_split(split, data_root(root))
     by_image: dict[int, list[tuple[str, str]]] = {}
-    for q, a, i in zip(qs, ans, ids):
-        by_image.setdefault(int(i), []).append((q, a))
+    for q, a, i in triples:
+        by_image.setdefault(i, []).append((q, a))
     images: list[EasyVQAImage] = []
     skipped: list[Skipped] = []
     for i in sorted(by_image):
         if limit is not None and len(images) >= limit:
             break
         iid = f"{split}-{i}"
-        path = paths.get(i) if isinstance(paths, dict) else paths[i]
+        path = paths.get(i)
         if not path or not Path(path).is_file():
-            skipped.append(Skipped(iid, f"image file missing: {path}"))
+            skipped.append(Skipped(iid, f"image file missing: {path or f'{split}/images/{i}.png'}"))
             continue
-        facts = facts_from_questions(by_image[i])
+        try:
+            facts = facts_from_questions(by_image[i])
+            cov = coverage(path)
+        except (ValueError, OSError) as e:  # an odd answer or an image that does not decode
+            skipped.append(Skipped(iid, f"unreadable item: {e}"))
+            continue
         missing = [k for k in ("color", "shape") if k not in facts]
         if missing:
             skipped.append(Skipped(iid, f"cannot infer {' and '.join(missing)} from the image's questions"))
             continue
-        cov = coverage(path)
         size = size_of(cov)
         if size is None:
             skipped.append(Skipped(iid, f"ambiguous size (shape covers {cov:.3f} of the image)"))
@@ -203,3 +226,26 @@ def load_easyvqa(
             continue
         images.append(EasyVQAImage(iid, str(path), facts, questions))
     return images, skipped
+
+
+def to_source_image(im: EasyVQAImage) -> Any:
+    """An easy-vqa image as the data builder's SourceImage: the caption as context, the facts and
+    questions (with gold answers) in meta, where the answer-grounded teacher reads them."""
+    from perception_collection.rows import SourceImage
+
+    return SourceImage(
+        image_id=f"easyvqa-{im.id}", path=im.path, source="easyvqa", context=im.caption,
+        meta={"facts": dict(im.facts), "questions": [asdict(q) for q in im.questions]},
+    )
+
+
+def load_source(split: str = "train", limit: int | None = None,
+                root: str | None = None) -> tuple[list[Any], list[Any]]:
+    """easy-vqa as a data-builder source: (SourceImage list, Drop list with the reason per image left out).
+
+    limit: stop after this many usable images. root: see data_root.
+    """
+    from perception_collection.rows import Drop
+
+    images, skipped = load_easyvqa(split, limit=limit, root=root)  # type: ignore[arg-type]
+    return [to_source_image(im) for im in images], [Drop(f"easyvqa-{s.id}", "source", s.reason) for s in skipped]

@@ -189,3 +189,125 @@ def perception_rows(
         row.update({f"orig_score{i}_description": d for i, d in enumerate(rubric.score_descriptions, 1)})
         rows.append(row)
     return rows
+
+
+# ---- the Teacher protocol (perception_collection.rows.Teacher) -----------------------------------
+
+_QUESTION_FOR = {
+    # our own wording for a question about each fact (noisy instructions, facts with no question)
+    "color": "What is the color of the shape in this picture?",
+    "shape": "Which kind of shape does this picture show?",
+    "size": "Is the shape in this picture small or large?",
+}
+
+
+def _asks_from_wording(instruction: str) -> str | None:
+    """The fact a question asks about, from its words (for questions not among the image's own)."""
+    words = instruction.lower()
+    for key, cues in (("color", ("color", "colour")), ("size", ("size", "small", "large", "big")),
+                      ("shape", ("shape", "kind of"))):
+        if any(c in words for c in cues):
+            return key
+    return None
+
+
+class AnswerGroundedTeacher:
+    """The data builder's teacher for images with known facts and gold answers (easy-vqa): no model.
+
+    Reads `SourceImage.meta` as written by `sources_easyvqa.load_source`: `facts` ({'color', 'shape',
+    'size'}) and `questions` ([{'question', 'answer', 'asks'}]). Every output is a deterministic
+    function of (seed, image id, instruction), so concurrent calls and resumed runs agree.
+
+    with_reference: give each instruction its reference answer. The reference states the image's
+    facts, so data meant to show what a judge learns from the image itself leaves it out.
+    """
+
+    name = "answer_grounded"
+
+    def __init__(self, seed: int = 0, with_reference: bool = True,
+                 values: Mapping[str, Sequence[str]] | None = None) -> None:
+        from perception_collection.sources_easyvqa import COLORS, SHAPES, SIZES
+
+        self.seed = seed
+        self.with_reference = with_reference
+        self.values = dict(values or {"color": COLORS, "shape": SHAPES, "size": SIZES})
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _rng(self, image: Any, instruction: str) -> random.Random:
+        return random.Random(f"{self.seed}/{image.image_id}/{instruction}")  # str seeds are stable across runs
+
+    def _facts(self, image: Any) -> dict[str, str]:
+        from perception_collection.rows import TeacherError
+
+        facts = (image.meta or {}).get("facts")
+        if not isinstance(facts, dict) or not all(k in facts for k in self.values):
+            raise TeacherError(f"{image.image_id}: no known {'/'.join(self.values)} facts in meta['facts'] "
+                               "(the answer-grounded teacher needs an easy-vqa source)")
+        return {k: str(facts[k]) for k in self.values}
+
+    def _asks(self, image: Any, instruction: str) -> str:
+        from perception_collection.rows import TeacherError
+
+        for q in (image.meta or {}).get("questions", []):
+            if q.get("question") == instruction:
+                return str(q["asks"])
+        asks = _asks_from_wording(instruction)
+        if asks is None or asks not in _JUSTIFIES:
+            raise TeacherError(f"{image.image_id}: cannot tell which fact {instruction!r} asks about")
+        return asks
+
+    # -- the protocol -----------------------------------------------------------------------------
+
+    def rubrics(self, image: Any, seeds: Sequence[Any], n: int) -> list[tuple[Rubric, str]]:
+        """The one rubric this teacher grades by: answer correctness with a justified answer."""
+        self._facts(image)
+        return [(RUBRIC, "answer_correctness")][: max(0, n)]
+
+    def instructions(self, image: Any, rubric: Rubric, n: int) -> list[tuple[str, str]]:
+        """The image's own easy-vqa questions (that the teacher can grade), with reference answers."""
+        from perception_collection.rows import TeacherError
+
+        facts = self._facts(image)
+        out = []
+        for q in (image.meta or {}).get("questions", []):
+            if q.get("asks") not in _JUSTIFIES or facts.get(q["asks"]) != q.get("answer"):
+                continue  # a yes/no question, or a gold answer that contradicts the facts
+            ref = reference_answer(q["asks"], q["answer"], facts) if self.with_reference else ""
+            out.append((str(q["question"]), ref))
+        if not out:
+            raise TeacherError(f"{image.image_id}: no question about colour, shape or size in meta['questions']")
+        return out[: max(0, n)]
+
+    def responses(self, image: Any, rubric: Rubric, instruction: str, reference_answer: str,
+                  scores: Sequence[int] = (1, 2, 3, 4, 5)) -> dict[int, tuple[str, str]]:
+        """(response, feedback) for each requested score: five graded responses, kept as asked."""
+        from perception_collection.rows import TeacherError
+
+        facts = self._facts(image)
+        asks = self._asks(image, instruction)
+        try:
+            graded = graded_responses(asks, facts[asks], facts, self.values, self._rng(image, instruction))
+        except ValueError as e:
+            raise TeacherError(f"{image.image_id}: {e}") from e
+        by_score = {g.score: (g.response, g.feedback) for g in graded}
+        bad = [s for s in scores if s not in by_score]
+        if bad:
+            raise TeacherError(f"scores must be 1..5, got {bad}")
+        return {s: by_score[s] for s in scores}
+
+    def noisy_instruction(self, image: Any, instruction: str) -> str:
+        """A question about a different fact of the same image (its own question when it has one)."""
+        asks = self._asks(image, instruction)
+        others = [k for k in ("color", "shape", "size") if k != asks]
+        kind = self._rng(image, "noisy:" + instruction).choice(others)
+        for q in (image.meta or {}).get("questions", []):
+            if q.get("asks") == kind:
+                return str(q["question"])
+        return _QUESTION_FOR[kind]
+
+    def answer(self, image: Any, instruction: str) -> str:
+        """The fully right answer (what earns a 5) to a question about one of the known facts."""
+        facts = self._facts(image)
+        asks = self._asks(image, instruction)
+        return reference_answer(asks, facts[asks], facts)

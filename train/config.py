@@ -51,6 +51,10 @@ class TrainConfig:
     """Full fine-tuning: keep the vision tower frozen (LoRA never touches it)."""
     merge_adapter_on_save: bool = False
     """LoRA: save merged full weights instead of the adapter."""
+    freeze_embeddings: bool = False
+    """Full fine-tuning: keep the token embeddings and the LM head frozen. With a pretrained LM the
+    judge writes words it already knows, and a large vocabulary's table is most of a small model's
+    parameters (SmolLM2-135M: 28M of them), so training it costs time and memory for little gain."""
 
     # ---- data -----------------------------------------------------------------------------
     train_data: list[str] = field(default_factory=list)
@@ -92,6 +96,10 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """'auto': bf16 on a GPU that supports it, fp32 on CPU."""
     gradient_checkpointing: bool = False
+    target_only_logits: bool = False
+    """Apply the LM head only at target positions (same loss: mean cross-entropy over target tokens).
+    Prompt and image positions then skip the vocabulary projection, which on a CPU costs more than a
+    few decoder layers of a small model with a large vocabulary."""
     seed: int = 0
 
     # ---- logging, eval, checkpoints -------------------------------------------------------
@@ -137,6 +145,8 @@ class TrainConfig:
             bad("merge_adapter_on_save=true conflicts with finetune='full' (there is no adapter)")
         if self.finetune == "full" and self.lora_target is not None:
             bad("lora_target is set but finetune='full' (LoRA options need finetune='lora')")
+        if self.finetune == "lora" and self.freeze_embeddings:
+            bad("freeze_embeddings=true conflicts with finetune='lora' (LoRA never trains the embeddings)")
         if self.finetune == "lora" and not self.freeze_vision_tower:
             bad("freeze_vision_tower=false conflicts with finetune='lora' (LoRA adapts only the language model)")
         if self.eval_data and self.eval_fraction:

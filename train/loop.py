@@ -88,6 +88,38 @@ def _validate(examples: list[Example], encoder: Encoder, cfg: TrainConfig, repor
     return kept
 
 
+def target_only_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """Mean cross-entropy over the target tokens, with the LM head applied only where a target is.
+
+    The same loss as `model(**batch).loss` (labels shifted by one, -100 ignored); transformers'
+    `logits_to_keep` takes the boolean mask of positions whose next token is a target.
+    """
+    import torch
+
+    labels = batch["labels"]
+    nxt = torch.full_like(labels, -100)
+    nxt[:, :-1] = labels[:, 1:]  # position t predicts token t+1
+    keep = nxt != -100
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.float(), nxt[keep])
+
+
+def freeze_embeddings(model: Any) -> int:
+    """Freeze token embeddings and the LM head (tied or not); returns how many parameters were frozen."""
+    n = 0
+    emb = model.get_input_embeddings()
+    out = model.get_output_embeddings()
+    for mod in (emb, out):
+        if mod is None:
+            continue
+        for p in mod.parameters():
+            if p.requires_grad:
+                n += p.numel()
+            p.requires_grad_(False)
+    return n
+
+
 def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -170,6 +202,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise RowError(f"no usable training examples ({report.summary()})")
 
     model = prepare_for_training(model, cfg)
+    if cfg.freeze_embeddings:
+        info("froze %d embedding / LM head parameters", freeze_embeddings(model))
     pad_id = encoder.tokenizer.pad_token_id
     gen = torch.Generator().manual_seed(cfg.seed)
     dl = torch.utils.data.DataLoader(
@@ -230,7 +264,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         for batch in batches:
             batch = {k: (v.to(float_dtype) if torch.is_floating_point(v) else v) for k, v in batch.items()}
             with acc.accumulate(model):
-                loss = model(**batch).loss
+                loss = target_only_loss(model, batch) if cfg.target_only_logits else model(**batch).loss
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)

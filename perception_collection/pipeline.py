@@ -73,9 +73,12 @@ class BuildSummary:
             for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
                 lines.append(f"  {stage}: {n} x {reason}")
         t = self.teacher
-        lines += ["", f"teacher: {t.get('calls', 0)} calls, {t.get('cache_hits', 0)} cache hits, "
-                      f"{t.get('errors', 0)} failed calls, {t.get('parse_failures', 0)} unparseable outputs, "
-                      f"{t.get('prompt_tokens', 0)} prompt + {t.get('completion_tokens', 0)} completion tokens"]
+        if not t:
+            lines += ["", "teacher: no model calls (this teacher keeps no call counts)"]
+        else:
+            lines += ["", f"teacher: {t.get('calls', 0)} calls, {t.get('cache_hits', 0)} cache hits, "
+                          f"{t.get('errors', 0)} failed calls, {t.get('parse_failures', 0)} unparseable outputs, "
+                          f"{t.get('prompt_tokens', 0)} prompt + {t.get('completion_tokens', 0)} completion tokens"]
         for fmt, path in self.exports.items():
             lines.append(f"export {fmt}: {path}")
         return "\n".join(lines)

@@ -310,7 +310,10 @@ def test_easyvqa_with_the_answer_grounded_teacher(tmp_path):
         "out": str(tmp_path / "run"),
     })
     s = build(cfg, progress=False)
-    assert s.counts["images"] == 4 and s.counts["kept"] > 0
+    assert s.counts["images"] == 4 and s.counts["kept"] > 0 and s.teacher == {}
+    assert "no model calls" in s.format_table()
+    rows = read_jsonl(s.exports["jsonl"])
+    assert len(rows) == s.counts["kept"] and all(r["orig_reference_answer"] for r in rows)
     assert len(set(s.score_histogram.values())) == 1  # every score equally often
     again = build(cfg, progress=False)
     assert again.counts == s.counts and again.resumed["responses"] * 5 == s.counts["responses"]

@@ -10,8 +10,9 @@ parents (``<image_id>/r<k>/i<k>/s<score>``), which is what makes resuming free o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from vlm_judge.records import Rubric
 

@@ -11,15 +11,7 @@ from pathlib import Path
 
 from perception_collection.config import BuildConfig
 from perception_collection.rows import Drop, ImageRubric, Instruction, SourceImage, Teacher, TeacherError
-from perception_collection.store import (
-    JsonlWriter,
-    StageResult,
-    load_groups,
-    open_drops,
-    reason_of,
-    run_concurrently,
-    strip_tags,
-)
+from perception_collection.store import StageResult, run_stage
 
 STAGE = "instructions"
 FILE = "instructions.jsonl"
@@ -53,25 +45,7 @@ def run(
     cfg: BuildConfig, progress: bool = True,
 ) -> StageResult[Instruction]:
     """Instructions for every rubric not done yet; appends to `<run>/instructions.jsonl`."""
-    path = Path(run_dir) / FILE
-    wanted = {r.rubric_id for r in rubrics if r.image_id in images}
-    done = {k: v for k, v in load_groups(path, "rubric_id").items() if k in wanted}
-    records = [Instruction.from_dict(strip_tags(r)) for rows in done.values() for r in rows]
-    todo = [r for r in rubrics if r.rubric_id in wanted and r.rubric_id not in done]
-    drop_file, drops = open_drops(run_dir, STAGE, done)
-    n_done = 0
-    with JsonlWriter(path) as out, drop_file:
-        work = run_concurrently(todo, lambda r: instructions_for_rubric(images[r.image_id], r, teacher, cfg),
-                                cfg.teacher.concurrency, STAGE, progress)
-        for rubric, result, err in work:
-            if err is not None:
-                new_drops = [Drop(rubric.rubric_id, STAGE, reason_of(err))]
-            else:
-                recs, new_drops = result
-                out.write_group([r.to_dict() for r in recs])
-                records += recs
-                n_done += 1
-            for d in new_drops:
-                drop_file.write(d.to_dict())
-            drops += new_drops
-    return StageResult(records, drops, resumed=len(done), done=n_done)
+    return run_stage(
+        STAGE, Path(run_dir) / FILE, run_dir, [r for r in rubrics if r.image_id in images], lambda r: r.rubric_id,
+        "rubric_id", Instruction.from_dict, lambda r: instructions_for_rubric(images[r.image_id], r, teacher, cfg),
+        cfg.teacher.concurrency, progress)

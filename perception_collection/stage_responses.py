@@ -17,7 +17,6 @@ from pathlib import Path
 from perception_collection.config import BuildConfig
 from perception_collection.rows import (
     SCORES,
-    Drop,
     GradedResponse,
     ImageRubric,
     Instruction,
@@ -25,15 +24,7 @@ from perception_collection.rows import (
     Teacher,
     TeacherError,
 )
-from perception_collection.store import (
-    JsonlWriter,
-    StageResult,
-    load_groups,
-    open_drops,
-    reason_of,
-    run_concurrently,
-    strip_tags,
-)
+from perception_collection.store import StageResult, run_stage
 
 STAGE = "responses"
 FILE = "responses.jsonl"
@@ -80,24 +71,10 @@ def run(
     teacher: Teacher, run_dir: Path, cfg: BuildConfig, progress: bool = True,
 ) -> StageResult[GradedResponse]:
     """Responses for every instruction not done yet; appends to `<run>/responses.jsonl`."""
-    path = Path(run_dir) / FILE
-    wanted = {i.instruction_id for i in instructions if i.rubric_id in rubrics and i.image_id in images}
-    done = {k: v for k, v in load_groups(path, "instruction_id").items() if k in wanted}
-    records = [GradedResponse.from_dict(strip_tags(r)) for rows in done.values() for r in rows]
-    todo = [i for i in instructions if i.instruction_id in wanted and i.instruction_id not in done]
-    drop_file, drops = open_drops(run_dir, STAGE, done)  # (a responses drop always means the item is not done)
-    n_done = 0
-    with JsonlWriter(path) as out, drop_file:
-        work = run_concurrently(
-            todo, lambda i: responses_for_instruction(images[i.image_id], rubrics[i.rubric_id], i, teacher, cfg),
-            cfg.teacher.concurrency, STAGE, progress)
-        for ins, result, err in work:
-            if err is not None:
-                d = Drop(ins.instruction_id, STAGE, reason_of(err))
-                drop_file.write(d.to_dict())
-                drops.append(d)
-                continue
-            out.write_group([r.to_dict() for r in result])
-            records += result
-            n_done += 1
-    return StageResult(records, drops, resumed=len(done), done=n_done)
+    # a responses drop always means the item is not done: the five responses come as one group or not at all
+    return run_stage(
+        STAGE, Path(run_dir) / FILE, run_dir,
+        [i for i in instructions if i.rubric_id in rubrics and i.image_id in images], lambda i: i.instruction_id,
+        "instruction_id", GradedResponse.from_dict,
+        lambda i: (responses_for_instruction(images[i.image_id], rubrics[i.rubric_id], i, teacher, cfg), []),
+        cfg.teacher.concurrency, progress)

@@ -15,15 +15,7 @@ from pathlib import Path
 from perception_collection.config import BuildConfig
 from perception_collection.rows import Drop, ImageRubric, SeedRubric, SourceImage, Teacher, TeacherError
 from perception_collection.seeds import sample_seeds
-from perception_collection.store import (
-    JsonlWriter,
-    StageResult,
-    load_groups,
-    open_drops,
-    reason_of,
-    run_concurrently,
-    strip_tags,
-)
+from perception_collection.store import StageResult, run_stage
 
 STAGE = "rubrics"
 FILE = "rubrics.jsonl"
@@ -65,26 +57,7 @@ def run(
     progress: bool = True,
 ) -> StageResult[ImageRubric]:
     """Rubrics for every image not done yet; appends to `<run>/rubrics.jsonl` as each finishes."""
-    path = Path(run_dir) / FILE
-    wanted = {im.image_id for im in images}
-    done = {k: v for k, v in load_groups(path, "image_id").items() if k in wanted}
-    records = [ImageRubric.from_dict(strip_tags(r)) for rows in done.values() for r in rows]
-    todo = [im for im in images if im.image_id not in done]
-    drop_file, drops = open_drops(run_dir, STAGE, done)
-    n_done = 0
-    with JsonlWriter(path) as out, drop_file:
-        work = run_concurrently(todo, lambda im: rubrics_for_image(im, seeds, teacher, cfg),
-                                cfg.teacher.concurrency, STAGE, progress)
-        for image, result, err in work:
-            if err is not None:
-                new_drops = [Drop(image.image_id, STAGE, reason_of(err))]
-            else:
-                recs, new_drops = result
-                out.write_group([r.to_dict() for r in recs])
-                records += recs
-                n_done += 1
-            for d in new_drops:
-                drop_file.write(d.to_dict())
-            drops += new_drops
-    return StageResult(records, drops, resumed=len(done), done=n_done)
+    return run_stage(
+        STAGE, Path(run_dir) / FILE, run_dir, images, lambda im: im.image_id, "image_id", ImageRubric.from_dict,
+        lambda im: rubrics_for_image(im, seeds, teacher, cfg), cfg.teacher.concurrency, progress)
 

@@ -225,6 +225,40 @@ def open_drops(run_dir: Path, stage: str, done: set[str] | dict | None = None) -
     return writer, old
 
 
+P = TypeVar("P")
+
+
+def run_stage(
+    stage: str, path: Path, run_dir: Path, parents: Iterable[P], parent_id: Callable[[P], str], parent_key: str,
+    from_dict: Callable[[dict[str, Any]], T], work: Callable[[P], tuple[list[T], list[Drop]]],
+    concurrency: int, progress: bool,
+) -> StageResult[T]:
+    """The loop every generation stage shares: resume the parents already done from `path`, run
+    `work` on the rest concurrently, append each parent's records as one group as it finishes
+    (crash-safe), and record drops. A parent whose work raises gets one Drop and is retried on the
+    next run; `parent_key` is the field of a record that names its parent."""
+    parents = list(parents)
+    wanted = {parent_id(p) for p in parents}
+    done = {k: v for k, v in load_groups(path, parent_key).items() if k in wanted}
+    records = [from_dict(strip_tags(r)) for rows in done.values() for r in rows]
+    todo = [p for p in parents if parent_id(p) not in done]
+    drop_file, drops = open_drops(run_dir, stage, done)
+    n_done = 0
+    with JsonlWriter(path) as out, drop_file:
+        for parent, result, err in run_concurrently(todo, work, concurrency, stage, progress):
+            if err is not None:
+                new_drops = [Drop(parent_id(parent), stage, reason_of(err))]
+            else:
+                recs, new_drops = result
+                out.write_group([r.to_dict() for r in recs])  # type: ignore[attr-defined]
+                records += recs
+                n_done += 1
+            for d in new_drops:
+                drop_file.write(d.to_dict())
+            drops += new_drops
+    return StageResult(records, drops, resumed=len(done), done=n_done)
+
+
 def reason_of(err: BaseException) -> str:
     """A Drop reason: a TeacherError's own message; anything else is a bug worth naming."""
     return str(err) if isinstance(err, TeacherError) else f"unexpected {type(err).__name__}: {err}"

@@ -109,7 +109,7 @@ def feedback_for(
     def verdict(ok: bool) -> str:
         return "right" if ok else "wrong"
 
-    parts = [f"Answer {claims['answer']}, correct answer {gold}: {verdict(claims['answer'] == gold)}."]
+    parts = [f"Answer {claims['answer']}, image {gold}: {verdict(claims['answer'] == gold)}."]
     parts += [f"{k.capitalize()} {claims[k]}, image {facts[k]}: {verdict(claims[k] == facts[k])}." for k in stated]
     return " ".join(parts)
 

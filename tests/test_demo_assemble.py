@@ -128,3 +128,91 @@ def test_smollm2_truncated_copy_keeps_pretrained_weights(tmp_path) -> None:
     assert again.config.num_hidden_layers == 2
     for (n, p), (_, q) in zip(loaded.model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+def _bpe_lm():
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny_models import _llama_config, build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = _llama_config(tok, hidden=32, layers=1)
+    cfg.tie_word_embeddings = True  # like SmolLM2: the head is the embedding table
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def test_trim_vocabulary_keeps_tokens_and_logits() -> None:
+    import torch
+
+    from train.assemble import trim_vocabulary
+
+    model, tok = _bpe_lm()
+    texts = TEXTS[:3]
+    before = {t: tok(t, add_special_tokens=False)["input_ids"] for t in texts}
+    with torch.no_grad():
+        logits = {t: model(torch.tensor([ids])).logits for t, ids in before.items()}
+    full = len(tok)
+    model, small, kept = trim_vocabulary(model, tok, texts)
+    assert len(small) == len(kept) < full and model.get_input_embeddings().weight.shape[0] == len(kept)
+    for t, ids in before.items():
+        new = small(t, add_special_tokens=False)["input_ids"]
+        assert [kept[i] for i in new] == ids, "the texts tokenize into the same tokens, ids remapped"
+        with torch.no_grad():
+            got = model(torch.tensor([new])).logits
+        assert torch.allclose(got, logits[t][..., kept], atol=1e-5), "logits at the kept ids are unchanged"
+    # anything else still tokenizes (into shorter pieces) and decodes back
+    other = "Zebras quietly juggle 42 ümlauts!"
+    assert small.decode(small(other, add_special_tokens=False)["input_ids"]) == other
+    # special tokens keep their meaning
+    for name in ("eos_token", "pad_token", "bos_token"):
+        assert getattr(small, name) == getattr(tok, name)
+        assert kept[getattr(small, name + "_id")] == getattr(tok, name + "_id")
+    assert model.config.eos_token_id == small.eos_token_id
+
+
+def test_calibrated_projector_matches_word_embedding_size() -> None:
+    import torch
+
+    from train.assemble import calibrate_projector
+
+    tok = build_word_tokenizer(TEXTS)
+    lm = build_tiny_lm(tok, hidden=32, layers=1)
+    spec = VisionSpec(hidden_size=32, layers=1)
+    model, processor = assemble_llava(lm, tok, build_vision_tower(spec), spec)
+    images, _ = _colored_squares(8)
+    px = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        a = model.model.get_image_features(pixel_values=px, vision_feature_layer=-1,
+                                           vision_feature_select_strategy="default")
+    rep = calibrate_projector(model, px)
+    words = float(model.get_input_embeddings().weight.detach().norm(dim=-1).mean())
+    assert rep["word_embedding_norm"] == pytest.approx(words)
+    assert rep["image_token_norm"] == pytest.approx(words, rel=0.05)
+    with torch.no_grad():
+        b = model.model.get_image_features(pixel_values=px, vision_feature_layer=-1,
+                                           vision_feature_select_strategy="default")
+    first = lambda x: x.pooler_output if hasattr(x, "pooler_output") else x  # noqa: E731
+    a, b = first(a), first(b)
+    a = torch.cat(list(a)) if isinstance(a, (list, tuple)) else a
+    b = torch.cat(list(b)) if isinstance(b, (list, tuple)) else b
+    assert not torch.allclose(a, b)  # the projector was rescaled
+
+
+@pytest.mark.slow
+def test_smollm2_trimmed_logits_match(tmp_path) -> None:
+    """On the real SmolLM2 weights: trimming keeps the logits of the demo's words."""
+    import torch
+
+    from train.assemble import load_pretrained_lm, trim_vocabulary
+
+    loaded = load_pretrained_lm(1, cache_dir=tmp_path / "lm")
+    text = "Answer black, image black: right. Size small, image large: wrong. So the overall score is 3."
+    ids = loaded.tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        before = loaded.model(torch.tensor([ids])).logits
+    model, tok, kept = trim_vocabulary(loaded.model, loaded.tokenizer, [text])
+    assert len(tok) < 1000
+    new = tok(text)["input_ids"]
+    assert [kept[i] for i in new] == ids
+    with torch.no_grad():
+        assert torch.allclose(model(torch.tensor([new])).logits, before[..., kept], atol=1e-4)

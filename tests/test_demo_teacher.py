@@ -42,7 +42,7 @@ def test_five_responses_scored_by_what_is_right() -> None:
             assert g.score == 1 + 2 * right["answer"] + sum(right[k] for k in stated)
             # every claim appears in the response and the feedback cites the gold answer
             assert all(v in g.response.lower() for v in g.claims.values())
-            assert f"correct answer {gold}:" in g.feedback
+            assert f"Answer {g.claims['answer']}, image {gold}:" in g.feedback
             res = parse_output(g.target)
             assert res.ok and res.verdict == g.score
 

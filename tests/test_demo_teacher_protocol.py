@@ -48,7 +48,7 @@ def test_teacher_implements_the_protocol(images) -> None:
         out = t.responses(im, RUBRIC, question, ref)
         assert sorted(out) == [1, 2, 3, 4, 5]
         for score, (response, feedback) in out.items():
-            assert response and f"correct answer {q['answer']}:" in feedback
+            assert response and f", image {q['answer']}:" in feedback
             assert parse_output(format_target(feedback, score)).verdict == score
         # a subset of scores, and the same text on a re-run (resume) or from another instance
         assert t.responses(im, RUBRIC, question, ref, scores=(2, 5)) == {s: out[s] for s in (2, 5)}

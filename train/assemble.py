@@ -139,6 +139,86 @@ def load_pretrained_lm(
     return LoadedLM(model.eval(), tok, time.perf_counter() - t0, keep, total)
 
 
+# ---- vocabulary trimming ------------------------------------------------------------------------
+
+
+def _bytes_alphabet() -> list[str]:
+    """The 256 characters GPT-2-style byte-level BPE uses for raw bytes (any text tokenizes with them)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def trim_vocabulary(model: Any, tokenizer: Any, texts: Sequence[str]) -> tuple[Any, Any, list[int]]:
+    """Keep only the tokens `texts` need (plus every raw byte and the special tokens) in a byte-level
+    BPE model; returns (model, tokenizer, kept old ids, in new-id order).
+
+    Why: SmolLM2's 49k-token head costs more than the decoder layers a CPU demo keeps, while a judge
+    trained on one dataset writes a few hundred distinct tokens. Kept tokens keep their embeddings
+    and every merge leading to them, so the texts tokenize into the same tokens as before (ids
+    remapped) and the model's logits equal the old logits at the kept ids. Text outside `texts` still
+    tokenizes (into shorter pieces, down to bytes).
+    """
+    import json
+
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    bpe = spec["model"]
+    if bpe.get("type") != "BPE":
+        raise ValueError(f"trim_vocabulary handles byte-level BPE tokenizers, not {bpe.get('type')!r}")
+    vocab: dict[str, int] = bpe["vocab"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+    parents = {a + b: (a, b) for a, b in merges}
+    inv = {i: t for t, i in vocab.items()}
+    keep: set[str] = {c for c in _bytes_alphabet() if c in vocab}
+    for text in texts:
+        keep.update(inv[i] for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in inv)
+    stack = list(keep)
+    while stack:  # every intermediate token on the way to a kept one (BPE builds tokens by merges)
+        for part in parents.get(stack.pop(), ()):
+            if part not in keep:
+                keep.add(part)
+                stack.append(part)
+    specials = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    old_ids = sorted({vocab[t] for t in keep} | set(specials.values()))
+    new_id = {old: new for new, old in enumerate(old_ids)}
+    bpe["vocab"] = {inv[o]: new_id[o] for o in old_ids if o in inv}
+    bpe["merges"] = [[a, b] for a, b in merges if a + b in keep and a in keep and b in keep]
+    for t in spec["added_tokens"]:
+        t["id"] = new_id[t["id"]]
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   **{k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)})
+    fast.chat_template = tokenizer.chat_template
+
+    idx = torch.tensor(old_ids)
+    emb = model.get_input_embeddings().weight.data[idx].clone()
+    head = model.get_output_embeddings()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    head_w = None if tied or head is None else head.weight.data[idx].clone()
+    model.resize_token_embeddings(len(old_ids))
+    model.get_input_embeddings().weight.data.copy_(emb)
+    if head_w is not None:
+        model.get_output_embeddings().weight.data.copy_(head_w)
+    if tied:
+        model.tie_weights()
+    for owner in (model.config, model.generation_config):
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(owner, key, None)
+            if isinstance(v, int) and v in new_id:
+                setattr(owner, key, new_id[v])
+            elif isinstance(v, list):
+                setattr(owner, key, [new_id[x] for x in v if x in new_id])
+    return model, fast, old_ids
+
+
 # ---- the vision tower ---------------------------------------------------------------------------
 
 
@@ -328,6 +408,30 @@ def assemble_llava(lm: Any, tokenizer: Any, tower: Any, spec: VisionSpec, seed: 
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHATML_TEMPLATE,
     )
     return model.eval(), processor
+
+
+def calibrate_projector(model: Any, pixel_values: Any) -> dict[str, float]:
+    """Scale a fresh projector so image tokens enter the LM at the size of its word embeddings.
+
+    A pretrained tower's patch features are large (norm ~30 for the demo's tower) while an LM's
+    token embeddings are small (~0.2 for a fresh tiny LM, ~1 for SmolLM2): fed through a default
+    initialised projector, image tokens came out ~3x larger than words and the tiny judge learned
+    to copy the response's own words less reliably. The first layer's input is standardised (so its
+    GELU works in its curved range) and the output scaled to the mean word-embedding norm.
+    Returns the norms before and after.
+    """
+    import torch
+
+    proj = model.model.multi_modal_projector
+    with torch.no_grad():
+        feats = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1][:, 1:]
+        proj.linear_1.weight.mul_(1.0 / float(feats.std()))
+        before = float(proj(feats).norm(dim=-1).mean())
+        target = float(model.get_input_embeddings().weight.norm(dim=-1).mean())
+        proj.linear_2.weight.mul_(target / before)
+        proj.linear_2.bias.mul_(target / before)
+        after = float(proj(feats).norm(dim=-1).mean())
+    return {"image_token_norm_before": before, "image_token_norm": after, "word_embedding_norm": target}
 
 
 def save_model_folder(model: Any, processor_or_tokenizer: Any, out_dir: str | Path) -> Path:

@@ -239,13 +239,41 @@ def to_source_image(im: EasyVQAImage) -> Any:
     )
 
 
+def balanced_subset(images: list[EasyVQAImage], n: int, seed: int = 0) -> list[EasyVQAImage]:
+    """n images whose sizes, shapes and colours are as evenly spread as possible (id order kept).
+
+    easy-vqa's are not even (57% large, 39% circles among the usable train images). Graded responses
+    draw wrong claims uniformly from the other values, so with uneven facts a claimed value's prior
+    says something about whether it is right ('large' usually is): a judge that never sees the
+    image would learn that. Even facts keep every claimed value equally likely right or wrong.
+    """
+    import random
+
+    pool = list(images)
+    random.Random(seed).shuffle(pool)
+    counts: dict[tuple[str, str], int] = {}
+    picked: list[EasyVQAImage] = []
+    while pool and len(picked) < n:
+        # the image whose facts are rarest so far (greedy; exact balance whenever the pool allows)
+        best = min(range(len(pool)), key=lambda i: sum(counts.get((k, v), 0) for k, v in pool[i].facts.items()))
+        im = pool.pop(best)
+        picked.append(im)
+        for kv in im.facts.items():
+            counts[kv] = counts.get(kv, 0) + 1
+    order = {im.id: k for k, im in enumerate(images)}
+    return sorted(picked, key=lambda im: order[im.id])
+
+
 def load_source(split: str = "train", limit: int | None = None,
                 root: str | None = None) -> tuple[list[Any], list[Any]]:
     """easy-vqa as a data-builder source: (SourceImage list, Drop list with the reason per image left out).
 
-    limit: stop after this many usable images. root: see data_root.
+    limit: at most this many images, chosen with even sizes, shapes and colours (balanced_subset;
+    deterministic). root: see data_root.
     """
     from perception_collection.rows import Drop
 
-    images, skipped = load_easyvqa(split, limit=limit, root=root)  # type: ignore[arg-type]
+    images, skipped = load_easyvqa(split, root=root)  # type: ignore[arg-type]
+    if limit is not None and limit < len(images):
+        images = balanced_subset(images, limit)
     return [to_source_image(im) for im in images], [Drop(f"easyvqa-{s.id}", "source", s.reason) for s in skipped]

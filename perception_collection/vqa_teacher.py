@@ -265,7 +265,8 @@ class AnswerGroundedTeacher:
         return [(RUBRIC, "answer_correctness")][: max(0, n)]
 
     def instructions(self, image: Any, rubric: Rubric, n: int) -> list[tuple[str, str]]:
-        """The image's own easy-vqa questions (that the teacher can grade), with reference answers."""
+        """The image's own easy-vqa questions (that the teacher can grade), with reference answers,
+        in an order seeded by (seed, image id)."""
         from perception_collection.rows import TeacherError
 
         facts = self._facts(image)
@@ -277,6 +278,9 @@ class AnswerGroundedTeacher:
             out.append((str(q["question"]), ref))
         if not out:
             raise TeacherError(f"{image.image_id}: no question about colour, shape or size in meta['questions']")
+        # a seeded order, so asking for fewer than an image has mixes question kinds across images
+        # (easy-vqa lists shape questions first far more often than colour ones)
+        self._rng(image, "instructions").shuffle(out)
         return out[: max(0, n)]
 
     def responses(self, image: Any, rubric: Rubric, instruction: str, reference_answer: str,

@@ -467,13 +467,14 @@ def _fmt(v: Any) -> str:
 # ---- stage 5: real photos -----------------------------------------------------------------------
 
 PHOTO_QUESTIONS = {
-    # scikit-image sample -> (question, a response that is right about the photo, one that is wrong)
-    "astronaut": ("What color is the main object?", "It is white: a person in a white space suit.",
-                  "It is green: a small green triangle."),
+    # scikit-image sample -> (question, a response that is right about the photo, one that is wrong);
+    # asked about facts the judge has words for (easy-vqa's colours and shapes)
     "coffee": ("What shape is the main object?", "It is a circle: a round cup seen from above.",
                "It is a triangle: a small blue triangle."),
-    "rocket": ("What color is the main object?", "It is white: a tall white rocket.",
-               "It is red: a large red circle."),
+    "chelsea": ("What color is the main object?", "It is brown: a brown tabby cat.",
+                "It is blue: a large blue circle."),
+    "rocket": ("What shape is the main object?", "It is a rectangle: a tall, narrow rocket.",
+               "It is a circle: a large red circle."),
 }
 
 
@@ -504,7 +505,9 @@ def score_photos(cfg: DemoConfig, out: Path, trained: dict[str, Any], progress: 
         r.update(score=j.score, feedback=j.feedback, status=j.status)
         progress(f"  {r['photo']}: {r['response']!r} -> {j.score} ({j.feedback[:80]})")
     lines = ["# The vision judge on real photos", "",
-             "The judge was trained on easy-vqa shapes only; these photos show it running on any image.", "",
+             "The judge was trained on easy-vqa shapes only; these photos show it running on any image. "
+             "What it can say is easy-vqa's: eight colours (no white), three shapes, two sizes, so a white "
+             "rocket can only be read as one of those colours.", "",
              "| photo | question | response | score | feedback |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| ![{r['photo']}](photos/{r['photo']}.png) | {r['question']} | {r['response']} | "
@@ -569,8 +572,18 @@ def summary_markdown(s: dict[str, Any]) -> str:
         lines += ["", "Chance: Pearson 0, exact agreement 0.2 (scores 1..5 are equally frequent).", "",
                   "Full report with plots and confidence intervals: [report/report.md](report/report.md)", ""]
     m = s.get("models", {})
-    lines += ["## What ran", "", f"- language model: {m.get('lm')}",
-              f"- vision tower: {m.get('vision_tower')}"]
+    vt = m.get("vision_tower") or {}
+    acc = ", ".join(f"{k} {v:.2f}" for k, v in (vt.get("accuracy") or {}).items())
+    d = s.get("data", {})
+    lines += ["## What ran", ""]
+    for split in ("train", "test"):
+        b = d.get(f"{split}_build")
+        if b:
+            lines.append(f"- data ({split}): the data builder's run folder `{b['run']}`: {b['counts'].get('images')} "
+                         f"easy-vqa images, {b['counts'].get('kept')} graded responses kept")
+    lines += [f"- language model: {m.get('lm')}",
+              f"- vision tower: pretrained {vt.get('steps')} steps in {vt.get('seconds')}s, held-out accuracy "
+              f"{acc}; {vt.get('tokens_per_image')} image tokens per image"]
     for name, t in s.get("train", {}).items():
         lines.append(f"- {LABELS[name]}: {t['steps']} steps, loss {t['loss_first']} -> {t['loss_last']}, {t['seconds']}s")
     lines += [f"- stage wall times (s): {s.get('stage_seconds')}", f"- total wall time: {s.get('wall_seconds')}s",

@@ -86,7 +86,11 @@ def build_tiny_llava(out_dir: str | Path, image_size: int = 32, patch_size: int 
     """
     import torch
     from transformers import (
-        CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
     )
 
     out = Path(out_dir)

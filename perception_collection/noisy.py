@@ -20,12 +20,13 @@ import json
 import logging
 import random
 import re
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from perception_collection.export import pair_row
 from perception_collection.rows import Drop, Instruction, SourceImage, Teacher, TeacherError
+from perception_collection.store import run_concurrently
 from vlm_judge.records import Rubric
 
 log = logging.getLogger("perception_collection.noisy")
@@ -137,34 +138,19 @@ def noisy_pairs(
     if done:
         log.info("noisy: %d of %d items already done in %s", len(items) - len(todo), len(items), out_path)
     drops: list[Drop] = []
-    with out_path.open("a", encoding="utf-8") as f, ThreadPoolExecutor(max_workers=concurrency) as pool:
-        pending: dict[Future[dict[str, Any]], str] = {}
-        it = iter(todo)
-
-        def fill() -> None:
-            for image, ins in it:
-                pending[pool.submit(_one, teacher, image, ins, seed, template)] = pair_id(ins)
-                if len(pending) >= 2 * concurrency:
-                    return
-
-        fill()
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                pid = pending.pop(fut)
-                try:
-                    row = fut.result()
-                except TeacherError as e:
-                    drops.append(Drop(pid, STAGE, str(e)))
-                    continue
-                except BaseException:
-                    for other in pending:
-                        other.cancel()
-                    raise
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()  # one complete line per finished item: a crash loses at most the line being written
-                done[pid] = row
-            fill()
+    # closing(): on a bug, the work not yet started is cancelled before the error propagates
+    with out_path.open("a", encoding="utf-8") as f, closing(run_concurrently(
+            todo, lambda item: _one(teacher, item[0], item[1], seed, template), concurrency, STAGE,
+            progress=False)) as work:
+        for (_, ins), row, err in work:
+            if isinstance(err, TeacherError):
+                drops.append(Drop(pair_id(ins), STAGE, str(err)))
+                continue
+            if err is not None:
+                raise err  # a bug: the rows finished so far are already written
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()  # one complete line per finished item: a crash loses at most the line being written
+            done[pair_id(ins)] = row
     rows = [done[pair_id(ins)] for _, ins in items if pair_id(ins) in done]
     # an item listed twice yields its row once
     seen: set[str] = set()

@@ -23,7 +23,7 @@ from typing import Any
 
 from perception_collection.config import SourceConfig
 from perception_collection.rows import Drop, SourceImage
-from vlm_judge.images import ImageError
+from vlm_judge.images import ImageError, decode_image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _SERVER_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -45,26 +45,12 @@ def validate_image(path: str | Path, cfg: SourceConfig, convert_dir: Path | None
     The returned path is the original unless the image had to be converted to RGB PNG (written
     to `convert_dir`, named by a hash of the original's bytes so re-runs reuse it).
     """
-    from PIL import Image
-
     p = Path(path)
     if not p.is_file():
         raise ImageError(f"image file not found: {p}")
-    # decoded here without vlm_judge.images' cache: validating a whole dataset must not keep
-    # hundreds of decoded images alive; the same checks, in the same order
-    try:
-        with Image.open(p) as raw:
-            fmt, mode = raw.format, raw.mode
-            n_frames = getattr(raw, "n_frames", 1)
-            w, h = raw.size
-            if w * h > cfg.max_pixels:  # from the header: a bomb is never decoded
-                raise ImageError(f"image {p} is {w}x{h}, over the {cfg.max_pixels}-pixel limit")
-            raw.load()
-            im = raw.convert("RGB")
-    except ImageError:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise ImageError(f"cannot decode image {p}: {type(e).__name__}: {e}") from e
+    # not vlm_judge.images.load_image: its cache would keep hundreds of decoded images of a dataset scan alive
+    im, raw = decode_image(p, cfg.max_pixels, str(p))
+    fmt, mode, n_frames, w, h = raw["format"], raw["mode"], raw["frames"], raw["width"], raw["height"]
     if min(w, h) < cfg.min_side:
         raise ImageError(f"image is {w}x{h}, shorter side under source.min_side={cfg.min_side}")
     too_big = cfg.max_side is not None and max(w, h) > cfg.max_side

@@ -65,21 +65,29 @@ def resolve_image(
     return ImageRef(path=str(p))
 
 
-@lru_cache(maxsize=256)
-def _load_cached(key: str, path: str | None, data: bytes | None, max_pixels: int) -> Any:
+def decode_image(source: str | Path | bytes, max_pixels: int, name: str) -> tuple[Any, dict[str, Any]]:
+    """Decode an image file (or its bytes) to RGB, refusing one over `max_pixels` from its header,
+    so a decompression bomb never reaches memory. Returns (RGB PIL image, what the file was:
+    {'format', 'mode', 'frames', 'width', 'height'}). `name` identifies the image in errors."""
     from PIL import Image
 
     try:
-        with Image.open(path if path is not None else io.BytesIO(data or b"")) as im:
-            # the header gives the size: refuse before decoding, so a bomb never reaches memory
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            info = {"format": im.format, "mode": im.mode, "frames": getattr(im, "n_frames", 1),
+                    "width": im.width, "height": im.height}
             if im.width * im.height > max_pixels:
-                raise ImageError(f"image {key[:60]} is {im.width}x{im.height}, over the {max_pixels}-pixel limit")
+                raise ImageError(f"image {name} is {im.width}x{im.height}, over the {max_pixels}-pixel limit")
             im.load()
-            return im.convert("RGB")
+            return im.convert("RGB"), info
     except ImageError:
         raise
     except Exception as e:  # PIL raises many types for corrupt files
-        raise ImageError(f"cannot decode image {path or key[:20]}: {type(e).__name__}: {e}") from e
+        raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+
+
+@lru_cache(maxsize=256)
+def _load_cached(key: str, path: str | None, data: bytes | None, max_pixels: int) -> Any:
+    return decode_image(path if path is not None else (data or b""), max_pixels, path or key[:60])[0]
 
 
 def load_image(ref: ImageRef, max_pixels: int = 50_000_000) -> Any:

@@ -37,6 +37,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from perception_collection.filters import score_histogram
 from perception_collection.rows import SCORES, Example
 from vlm_judge import __version__
 from vlm_judge.prompts import format_target, render
@@ -277,7 +278,8 @@ def export_all(
             n = len(rows)
         elif fmt == "feedback_collection":
             errors: dict[str, str] = {}
-            src_rows = [perception_row(ex, template=template) for ex in examples]
+            # the rows already rendered, with the source image path (it names the image in skip reasons)
+            src_rows = [{**r, "image": ex.image.path} for r, ex in zip(rows, examples)]
             # keyed by row, not by image path: one file may carry different contexts (one per question)
             context = {ex.id: caption_of(ex) for ex in examples}
             sources = sorted({ex.image.source for ex in examples})
@@ -297,6 +299,6 @@ def export_all(
         written[fmt] = str(path)
         info["formats"][fmt] = {"file": FILES[fmt], "rows": n}
     info["version"] = __version__
-    info["score_histogram"] = {str(s): sum(1 for ex in examples if ex.response.score == s) for s in SCORES}
+    info["score_histogram"] = {str(s): n for s, n in score_histogram(examples).items()}
     (out_dir / "export_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return written

@@ -154,7 +154,7 @@ def build(cfg: BuildConfig, progress: bool = True, teacher: Teacher | None = Non
 
 def _build(cfg: BuildConfig, run_dir: Path, progress: bool, teacher: Teacher | None) -> BuildSummary:
     from perception_collection.export import export_all
-    from perception_collection.filters import apply_filters
+    from perception_collection.filters import apply_filters, score_histogram
     from perception_collection.seeds import load_seeds
     from perception_collection.teacher import make_teacher
 
@@ -207,8 +207,7 @@ def _build(cfg: BuildConfig, run_dir: Path, progress: bool, teacher: Teacher | N
     summary.counts = {"images": len(images), "rubrics": len(rub.records), "instructions": len(ins.records),
                       "responses": len(res.records), "examples": len(examples), "kept": len(kept)}
     summary.resumed = {"rubrics": rub.resumed, "instructions": ins.resumed, "responses": res.resumed}
-    hist = Counter(ex.response.score for ex in kept)
-    summary.score_histogram = {s: hist.get(s, 0) for s in SCORES}
+    hist = summary.score_histogram = score_histogram(kept)
     summary.words_by_score = {
         s: round(statistics.fmean([len(ex.response.response.split()) for ex in kept if ex.response.score == s]), 1)
         for s in SCORES if hist.get(s)

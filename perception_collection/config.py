@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
+from perception_collection.export import FORMATS as EXPORT_FORMATS
+
 SOURCE_KINDS = ("coco", "mmmu", "folder", "easyvqa")
 TEACHER_KINDS = ("openai", "hf", "answer_grounded")
-EXPORT_FORMATS = ("jsonl", "parquet", "feedback_collection", "pairwise")
 
 
 class ConfigError(ValueError):
@@ -163,14 +164,7 @@ def _filter_config(value: Any) -> Any:
         return FilterConfig()
     if not isinstance(value, dict):
         raise ConfigError("filters must be a mapping of FilterConfig fields")
-    known = {f.name for f in fields(FilterConfig)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"unknown filters field(s) {unknown}; known: {sorted(known)}")
-    try:
-        return FilterConfig(**value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"filters: {e}") from e
+    return _build(FilterConfig, value, "filters")
 
 
 @dataclass
@@ -289,5 +283,5 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
         return cls(**d)
     except ConfigError:
         raise
-    except TypeError as e:  # e.g. a list where a number belongs
+    except (TypeError, ValueError) as e:  # e.g. a list where a number belongs; FilterConfig's own checks
         raise ConfigError(f"{where or 'recipe'}: {e}") from e

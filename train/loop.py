@@ -105,21 +105,6 @@ def target_only_loss(model: Any, batch: dict[str, Any]) -> Any:
     return torch.nn.functional.cross_entropy(logits.float(), nxt[keep])
 
 
-def freeze_embeddings(model: Any) -> int:
-    """Freeze token embeddings and the LM head (tied or not); returns how many parameters were frozen."""
-    n = 0
-    emb = model.get_input_embeddings()
-    out = model.get_output_embeddings()
-    for mod in (emb, out):
-        if mod is None:
-            continue
-        for p in mod.parameters():
-            if p.requires_grad:
-                n += p.numel()
-            p.requires_grad_(False)
-    return n
-
-
 def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -202,8 +187,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise RowError(f"no usable training examples ({report.summary()})")
 
     model = prepare_for_training(model, cfg)
-    if cfg.freeze_embeddings:
-        info("froze %d embedding / LM head parameters", freeze_embeddings(model))
     pad_id = encoder.tokenizer.pad_token_id
     gen = torch.Generator().manual_seed(cfg.seed)
     dl = torch.utils.data.DataLoader(

@@ -101,7 +101,8 @@ def projector_name(model: Any) -> str | None:
 
 
 def prepare_for_training(model: Any, cfg: Any) -> Any:
-    """Apply LoRA or set up full fine-tuning; freeze the vision tower. Returns the model to train."""
+    """Apply LoRA or set up full fine-tuning; freeze the vision tower (and, when asked, the embeddings).
+    Returns the model to train."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -130,6 +131,11 @@ def prepare_for_training(model: Any, cfg: Any) -> Any:
         if cfg.kind == "vision" and not cfg.train_projector:
             for n, p in model.named_parameters():
                 if "multi_modal_projector" in n:
+                    p.requires_grad_(False)
+        if cfg.freeze_embeddings:
+            # token embeddings and LM head (tied or not) stay as they are: see TrainConfig.freeze_embeddings
+            for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
+                for p in mod.parameters() if mod is not None else ():
                     p.requires_grad_(False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())

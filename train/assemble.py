@@ -142,18 +142,6 @@ def load_pretrained_lm(
 # ---- vocabulary trimming ------------------------------------------------------------------------
 
 
-def _bytes_alphabet() -> list[str]:
-    """The 256 characters GPT-2-style byte-level BPE uses for raw bytes (any text tokenizes with them)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def trim_vocabulary(model: Any, tokenizer: Any, texts: Sequence[str]) -> tuple[Any, Any, list[int]]:
     """Keep only the tokens `texts` need (plus every raw byte and the special tokens) in a byte-level
     BPE model; returns (model, tokenizer, kept old ids, in new-id order).
@@ -168,6 +156,7 @@ def trim_vocabulary(model: Any, tokenizer: Any, texts: Sequence[str]) -> tuple[A
 
     import torch
     from tokenizers import Tokenizer
+    from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -178,7 +167,7 @@ def trim_vocabulary(model: Any, tokenizer: Any, texts: Sequence[str]) -> tuple[A
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
     parents = {a + b: (a, b) for a, b in merges}
     inv = {i: t for t, i in vocab.items()}
-    keep: set[str] = {c for c in _bytes_alphabet() if c in vocab}
+    keep: set[str] = {c for c in ByteLevel.alphabet() if c in vocab}  # every raw byte
     for text in texts:
         keep.update(inv[i] for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in inv)
     stack = list(keep)

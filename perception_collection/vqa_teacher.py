@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from perception_collection.rows import TeacherError
 from vlm_judge.prompts import format_target
 from vlm_judge.records import Rubric
 
@@ -238,8 +239,6 @@ class AnswerGroundedTeacher:
         return random.Random(f"{self.seed}/{image.image_id}/{instruction}")  # str seeds are stable across runs
 
     def _facts(self, image: Any) -> dict[str, str]:
-        from perception_collection.rows import TeacherError
-
         facts = (image.meta or {}).get("facts")
         if not isinstance(facts, dict) or not all(k in facts for k in self.values):
             raise TeacherError(f"{image.image_id}: no known {'/'.join(self.values)} facts in meta['facts'] "
@@ -247,8 +246,6 @@ class AnswerGroundedTeacher:
         return {k: str(facts[k]) for k in self.values}
 
     def _asks(self, image: Any, instruction: str) -> str:
-        from perception_collection.rows import TeacherError
-
         for q in (image.meta or {}).get("questions", []):
             if q.get("question") == instruction:
                 return str(q["asks"])
@@ -267,8 +264,6 @@ class AnswerGroundedTeacher:
     def instructions(self, image: Any, rubric: Rubric, n: int) -> list[tuple[str, str]]:
         """The image's own easy-vqa questions (that the teacher can grade), with reference answers,
         in an order seeded by (seed, image id)."""
-        from perception_collection.rows import TeacherError
-
         facts = self._facts(image)
         out = []
         for q in (image.meta or {}).get("questions", []):
@@ -286,8 +281,6 @@ class AnswerGroundedTeacher:
     def responses(self, image: Any, rubric: Rubric, instruction: str, reference_answer: str,
                   scores: Sequence[int] = (1, 2, 3, 4, 5)) -> dict[int, tuple[str, str]]:
         """(response, feedback) for each requested score: five graded responses, kept as asked."""
-        from perception_collection.rows import TeacherError
-
         facts = self._facts(image)
         asks = self._asks(image, instruction)
         try:

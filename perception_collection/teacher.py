@@ -18,7 +18,7 @@ import os
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -215,14 +215,9 @@ class LLMTeacher:
 
     def _generate(self, prompt: Prompt, attempt: int) -> str:
         """The teacher's text for this prompt: from the cache, or one backend call (then cached)."""
-        base_seed = self.params.seed or 0
-        params = GenerationParams(
-            max_new_tokens=self.params.max_new_tokens, temperature=self.params.temperature,
-            top_p=self.params.top_p, seed=base_seed + attempt, stop=self.params.stop,
-        )
+        params = replace(self.params, seed=(self.params.seed or 0) + attempt)
         if attempt and params.temperature == 0:
-            # greedy decoding would repeat itself: a retry samples a little
-            params = GenerationParams(params.max_new_tokens, 0.3, params.top_p, base_seed + attempt, params.stop)
+            params = replace(params, temperature=0.3)  # greedy decoding would repeat itself: a retry samples a little
         key = request_key(self.name, prompt, params)
         hit = self.cache.get(key)
         if hit is not None:

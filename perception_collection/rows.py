@@ -12,15 +12,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from vlm_judge.records import Rubric
 
 SCORES = (1, 2, 3, 4, 5)
 
+_P = TypeVar("_P", bound="_Plain")
+
+
+class _Plain:
+    """Plain-mapping round trip of a flat record (a JSONL line of a stage file)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_P], d: dict[str, Any]) -> _P:
+        return cls(**d)
+
 
 @dataclass
-class SourceImage:
+class SourceImage(_Plain):
     """One validated image and what is known about it."""
 
     image_id: str
@@ -34,13 +47,6 @@ class SourceImage:
     options and answer, a folder's metadata. Also the caption used by the text-only export."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Source-specific facts (MMMU subject, COCO labels, easy-vqa facts/questions, width/height)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SourceImage:
-        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class ImageRubric:
 
 
 @dataclass
-class Instruction:
+class Instruction(_Plain):
     """A question a user would ask about the image under one rubric, with an answer that earns a 5."""
 
     instruction_id: str
@@ -85,16 +91,9 @@ class Instruction:
     instruction: str
     reference_answer: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Instruction:
-        return cls(**d)
-
 
 @dataclass
-class GradedResponse:
+class GradedResponse(_Plain):
     """One of the five responses to an instruction, written to earn `score`, with its feedback."""
 
     response_id: str
@@ -104,13 +103,6 @@ class GradedResponse:
     response: str
     feedback: str
     """Feedback that explains the score against the rubric (without the verdict sentence)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GradedResponse:
-        return cls(**d)
 
 
 @dataclass
@@ -133,16 +125,13 @@ class Example:
 
 
 @dataclass
-class Drop:
+class Drop(_Plain):
     """A record left out by a source, a stage or a filter, and why (reported in the run summary)."""
 
     id: str
     stage: str
     """'source', 'rubrics', 'instructions', 'responses', or a filter's name."""
     reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class TeacherError(RuntimeError):

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--naive-rows", type=int, default=8, help="rows timed for the one-at-a-time loop")
     ap.add_argument("--smoke", action="store_true", help="toy model on CPU: checks the script, measures nothing real")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="bf16 dense peak the prefill MFU is measured against (default: the device's datasheet value)")
+    ap.add_argument("--json", default=None, help="also write the measures to this JSON file")
     args = ap.parse_args(argv)
 
     import torch
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     name = "CPU smoke run" if args.smoke else torch.cuda.get_device_name()
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     peak_flops, peak_bw = next((v for k, v in PEAKS.items() if k in name), PEAKS["H100"])
+    if args.peak_tflops:
+        peak_flops = args.peak_tflops * 1e12
     model, proc = build(dev, args.smoke)
     lm_params = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
     vis_params = sum(p.numel() for p in model.model.vision_tower.parameters())
@@ -143,19 +148,31 @@ def main(argv: list[str] | None = None) -> int:
     rows_per_batch = min(args.batch, n)
     decode_s = {k: (t - p) / ((n / rows_per_batch) * (new - 1)) for k, (t, p) in {"on": (t_on, p_on), "off": (t_off, p_off)}.items()}
 
-    print("\n| measure | value |\n|---|---|")
-    print(f"| judgments/s, scorer + prefix reuse ('prefix' template) | {n / t_on:.2f} |")
-    print(f"| judgments/s, scorer, no prefix reuse | {n / t_off:.2f} |")
-    print(f"| judgments/s, naive one-at-a-time `generate` ({args.naive_rows} rows timed) | {n / t_naive:.2f} |")
-    print(f"| prefill MFU, no reuse (FLOPs computed / time / {peak_flops / 1e12:.0f} TFLOP/s) | {f_off / p_off / peak_flops:.1%} |")
-    print(f"| prefill MFU, with reuse | {f_on / p_on / peak_flops:.1%} |")
-    print(f"| prefill speed-up from reuse | {p_off / p_on:.2f}x |")
+    rows: list[tuple[str, str, float]] = [
+        ("judgments/s, scorer + prefix reuse ('prefix' template)", f"{n / t_on:.2f}", n / t_on),
+        ("judgments/s, scorer, no prefix reuse", f"{n / t_off:.2f}", n / t_off),
+        (f"judgments/s, naive one-at-a-time `generate` ({args.naive_rows} rows timed)", f"{n / t_naive:.2f}", n / t_naive),
+        (f"prefill MFU, no reuse (FLOPs computed / time / {peak_flops / 1e12:.0f} TFLOP/s)", f"{f_off / p_off / peak_flops:.1%}",
+         f_off / p_off / peak_flops),
+        ("prefill MFU, with reuse", f"{f_on / p_on / peak_flops:.1%}", f_on / p_on / peak_flops),
+        ("prefill speed-up from reuse", f"{p_off / p_on:.2f}x", p_off / p_on),
+    ]
     for k, s in decode_s.items():
         bw = (all_bytes + rows_per_batch * kv_row) / s
-        print(f"| decode step, batch {rows_per_batch}, reuse {k}: ms/step, HBM bandwidth vs {peak_bw / 1e12:.2f} TB/s | "
-              f"{s * 1e3:.1f} ms, {bw / peak_bw:.0%} |")
+        rows.append((f"decode step, batch {rows_per_batch}, reuse {k}: ms/step, HBM bandwidth vs {peak_bw / 1e12:.2f} TB/s",
+                     f"{s * 1e3:.1f} ms, {bw / peak_bw:.0%}", bw / peak_bw))
     naive_step = t_naive / n / new
-    print(f"| naive loop: ms/token, HBM bandwidth | {naive_step * 1e3:.1f} ms, {(all_bytes + kv_row) / naive_step / peak_bw:.0%} |")
+    naive_bw = (all_bytes + kv_row) / naive_step / peak_bw
+    rows.append(("naive loop: ms/token, HBM bandwidth", f"{naive_step * 1e3:.1f} ms, {naive_bw:.0%}", naive_bw))
+    print("\n| measure | value |\n|---|---|")
+    for label, text, _ in rows:
+        print(f"| {label} | {text} |")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({"device": name, "judgments": n, "new_tokens": new, "batch": args.batch,
+                                               "measures": [{"measure": a, "value": b, "number": c} for a, b, c in rows]},
+                                              indent=1))
     return 0
 
 

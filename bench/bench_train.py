@@ -120,6 +120,18 @@ def llava_7b_config():
                        vision_feature_select_strategy="default", vision_feature_layer=-2)
 
 
+def toy_llava_config():
+    """The 7B shape's structure at toy size, for --gpu-smoke."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=500,
+                       vision_feature_select_strategy="default", vision_feature_layer=-2)
+
+
 def bench_gpu(steps: int, batch_size: int, text_tokens: int, device: str = "cuda", cfg=None) -> dict:
     """A few LoRA steps of the 7B vision recipe's architecture, random weights, bf16.
     (`device`/`cfg` let the code path be checked on CPU with a small config.)"""
@@ -203,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-text-tokens", type=int, default=1024)
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--gpu-smoke", action="store_true",
+                    help="run the GPU part's code on the CPU with a toy LLaVA (checks the script, measures nothing real)")
     a = ap.parse_args(argv)
     logging.getLogger("vlm_judge.train").setLevel(logging.WARNING)
     import torch
@@ -212,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as d:
             out["cpu"] = bench_cpu(a.steps, a.repeats, a.batch_size, Path(d))
         print(json.dumps(out["cpu"], indent=1))
-    if torch.cuda.is_available():
+    if a.gpu_smoke:
+        out["gpu"] = bench_gpu(a.gpu_steps, 1, 32, device="cpu", cfg=toy_llava_config())
+        print(json.dumps(out["gpu"], indent=1))
+    elif torch.cuda.is_available():
         out["gpu"] = bench_gpu(a.gpu_steps, a.gpu_batch_size, a.gpu_text_tokens)
         print(json.dumps(out["gpu"], indent=1))
     else:

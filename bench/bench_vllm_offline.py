@@ -1,0 +1,99 @@
+"""vLLM's offline engine on the scorer benchmark's shape: the ceiling our backends are compared to.
+
+    python bench/bench_vllm_offline.py [--smoke] [--groups 64] [--new-tokens 256] [--json out.json]
+
+The LLaVA-1.5-7B shape of bench_scorer_gpu.py (CLIP ViT-L/14-336, a 7B Llama) with vLLM's
+`load_format="dummy"` (random weights, nothing read or downloaded), the same rendered prompts and
+images, exactly `--new-tokens` new tokens per judgment (EOS ignored), prefix caching on. Prints
+judgments/s. `--smoke` uses a toy shape so that the script can be checked with vLLM's CPU build.
+Exits 0 with a message when vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def save_shape(folder: Path, smoke: bool) -> Path:
+    """config.json + processor of the benchmark's shape (no weights: vLLM makes dummy ones)."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+
+    try:
+        from vlm_judge.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+    except ImportError:  # older layout
+        from tests.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+
+    tok = build_tokenizer()
+    vh, vl, vheads, th, tl, theads, ti, vocab = (64, 2, 4, 128, 2, 2, 384, 512) if smoke else (1024, 24, 16, 4096, 32, 32, 11008, 32064)
+    vision = CLIPVisionConfig(hidden_size=vh, intermediate_size=4 * vh, num_hidden_layers=vl, num_attention_heads=vheads,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=vocab, hidden_size=th, intermediate_size=ti, num_hidden_layers=tl,
+                       num_attention_heads=theads, num_key_value_heads=theads, max_position_embeddings=4096,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    cfg.torch_dtype = "float32" if smoke else "bfloat16"
+    cfg.save_pretrained(folder)
+    LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--groups", type=int, default=64)
+    ap.add_argument("--per-group", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--smoke", action="store_true", help="toy shape (vLLM's CPU build can run it)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as e:
+        print(f"bench_vllm_offline: vLLM is not installed here ({e}); nothing measured")
+        return 0
+    from transformers import AutoProcessor
+
+    from bench.bench_scorer import make_requests
+    from vlm_judge.images import load_image
+    from vlm_judge.prompts import render
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
+    folder = save_shape(tmp / "model", args.smoke)
+    proc = AutoProcessor.from_pretrained(folder)
+    reqs = make_requests(tmp, args.groups, args.per_group)
+    inputs = []
+    for r in reqs:
+        p = render(r, "prefix")
+        msgs = [{"role": "system", "content": [{"type": "text", "text": p.system}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.user}]}]
+        text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + p.assistant_prefix
+        inputs.append({"prompt": text, "multi_modal_data": {"image": [load_image(r.images[0])]}})
+    llm = LLM(model=str(folder), load_format="dummy", enable_prefix_caching=True, max_model_len=4096,
+              limit_mm_per_prompt={"image": 1}, **({"dtype": "float32"} if args.smoke else {}))
+    sp = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True, temperature=0.0)
+    llm.generate(inputs[: args.per_group * 2], sp, use_tqdm=False)  # warm-up (graphs, allocator)
+    t = time.perf_counter()
+    llm.generate(inputs, sp, use_tqdm=False)
+    dt = time.perf_counter() - t
+    out = {"engine": "vllm offline LLM.generate", "judgments": len(inputs), "new_tokens": args.new_tokens,
+           "seconds": round(dt, 2), "judgments_per_s": round(len(inputs) / dt, 3)}
+    print(json.dumps(out))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

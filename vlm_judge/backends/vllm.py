@@ -20,9 +20,12 @@ from vlm_judge.images import load_image
 
 class VLLMBackend:
     """`model`: a model folder or name vLLM can load; keyword arguments go to `vllm.LLM`
-    (e.g. tensor_parallel_size=2, max_model_len=4096, gpu_memory_utilization=0.9)."""
+    (e.g. tensor_parallel_size=2, max_model_len=4096, gpu_memory_utilization=0.9).
+    `sampling_extra`: more `vllm.SamplingParams` fields for every request (e.g. a benchmark's
+    {"min_tokens": 100, "ignore_eos": true})."""
 
-    def __init__(self, model: str, enable_prefix_caching: bool = True, max_images_per_prompt: int = 4, **kw: Any) -> None:
+    def __init__(self, model: str, enable_prefix_caching: bool = True, max_images_per_prompt: int = 4,
+                 sampling_extra: dict[str, Any] | None = None, **kw: Any) -> None:
         try:
             from vllm import LLM
         except ImportError as e:
@@ -30,6 +33,7 @@ class VLLMBackend:
         from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
         self.name = str(model)
+        self.sampling_extra = dict(sampling_extra or {})
         cfg = AutoConfig.from_pretrained(model)
         self.vision = getattr(cfg, "vision_config", None) is not None
         self.templater = AutoProcessor.from_pretrained(model) if self.vision else AutoTokenizer.from_pretrained(model)
@@ -67,6 +71,7 @@ class VLLMBackend:
         sp = SamplingParams(
             max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
             seed=params.seed if params.temperature > 0 else None, stop=list(params.stop) or None,
+            **self.sampling_extra,
         )
         if inputs:
             for i, res in zip(where, self.llm.generate(inputs, sp, use_tqdm=False)):

@@ -233,6 +233,8 @@ def test_bad_input_lines_are_error_lines_and_the_rest_is_scored(tmp_path, capsys
         good[1],
         b"[1, 2, 3]",  # not an object
         good[2],
+        json.dumps({"id": "strbytes", "instruction": "Q?", "response": "A.", "rubric": RUBRIC,
+                    "image": {"bytes": "not bytes"}}).encode(),  # a readable line, a bad row
         b'{"id": "torn", "instruction": "cut o',  # a killed writer's last line
     ]))
     out = tmp_path / "out.jsonl"
@@ -244,12 +246,13 @@ def test_bad_input_lines_are_error_lines_and_the_rest_is_scored(tmp_path, capsys
         by_status: dict[str, list[str]] = {}
         for r in rows:
             by_status.setdefault(r["status"], []).append(r["id"])
-        assert by_status["ok"] == ["g0", "g1", "g2"] and len(by_status["error"]) == 4
+        assert by_status["ok"] == ["g0", "g1", "g2"] and len(by_status["error"]) == 5
         reasons = [r["reason"] for r in rows if r["status"] == "error"]
         assert "line 2" in reasons[0] and "UTF-8" in reasons[0]
         assert "line 3" in reasons[1] and "not valid JSON" in reasons[1]
         assert "line 5" in reasons[2] and "not a JSON object" in reasons[2]
-        assert "line 7" in reasons[3] and "no newline" in reasons[3]
+        assert "field 'image'" in reasons[3] and "bytes" in reasons[3]
+        assert "line 8" in reasons[4] and "no newline" in reasons[4]
     assert CALLS == []  # the good rows were kept from the first run
     assert "Traceback" not in capsys.readouterr().err
 

@@ -71,6 +71,7 @@ def test_template_text_counts_and_prompt_format_version_not_package_version(tmp_
     assert fp_of(req(), judge) != before  # same template name, new text: judged anew
     base = fp_of(req())
     monkeypatch.setattr("vlm_judge.__version__", "0.1.99")  # a patch release keeps every judgment
+    monkeypatch.setattr(store_mod, "__version__", "0.1.99", raising=False)
     assert fp_of(req()) == base
     monkeypatch.setattr(store_mod, "PROMPT_FORMAT_VERSION", store_mod.PROMPT_FORMAT_VERSION + 1)
     assert fp_of(req()) != base

@@ -25,7 +25,7 @@ from typing import Any
 from vlm_judge import __version__
 from vlm_judge.backends import GenerationParams
 from vlm_judge.inputs import InputOptions, RowError, load_rubrics, read_requests
-from vlm_judge.jsonl import Locked, read_jsonl
+from vlm_judge.jsonl import Locked
 from vlm_judge.records import JudgeRequest, Judgment
 from vlm_judge.scorer import JUDGE_CARD, Judge, ScorerConfig
 from vlm_judge.store import FINAL, FINGERPRINT, Fingerprinter, JudgmentStore
@@ -122,15 +122,6 @@ def _input_options(args: argparse.Namespace) -> InputOptions:
         allowed=args.image_allow, column_map=_pairs(args.column_map, "--column-map"), mode=args.mode,
         default_rubric=default_rubric, rubrics=library, max_pixels=args.max_pixels,
     )
-
-
-def read_output(path: Path) -> dict[str, dict[str, Any]]:
-    """The current line per row id of an existing output file (unreadable lines are skipped)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for row in read_jsonl(path):
-        if "id" in row:
-            latest[str(row["id"])] = row
-    return latest
 
 
 def _error_line(rid: str, err: RowError | str, judge: Judge, mode: str, template: str) -> dict[str, Any]:
@@ -250,4 +241,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["build_parser", "main", "read_output", "run"]
+__all__ = ["build_parser", "main", "run"]

@@ -10,7 +10,8 @@ Resume semantics (the one place they are written down):
   top_p, seed, stop, n_samples, aggregate, swap, parse retries and their temperature) and
   `PROMPT_FORMAT_VERSION`. The package version is not part of it: a release that does not change
   what the judge is shown keeps every judgment; a release that does bumps `PROMPT_FORMAT_VERSION`.
-  Batch size and backend options (device, concurrency, timeouts) decide nothing and are left out.
+  Batch size and the backend (hf, vllm or a server running the same model; device, concurrency,
+  timeouts) decide nothing about what the judge is asked, and are left out.
 - **What is reused.** A stored judgment is reused only when its fingerprint matches and its status
   is final: 'ok' or 'parse_failure' (a judge that writes no verdict is an answer too). An 'error'
   is never final: a re-run asks the judge again (after an outage, exactly the errored rows are

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from eval.pipeline import EvalConfig, run_eval
     from eval.report import write_report
+    from vlm_judge.jsonl import Locked
 
     try:
         lo, hi = (float(x) for x in args.gold_scale.split(","))
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             max_parse_retries=args.max_parse_retries, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot, seed=args.seed,
         )
         res = run_eval(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, Locked) as e:
         print(f"vlm-judge eval: {e}", file=sys.stderr)
         return 2
     path = write_report(res, args.out)

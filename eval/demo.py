@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from vlm_judge.jsonl import read_jsonl, write_jsonl_atomic
+
 TEMPLATE = str(Path(__file__).with_name("demo_template.yaml"))
 FACT_VALUES: dict[str, tuple[str, ...]] = {}
 
@@ -189,12 +191,7 @@ def caption_instruction(instruction: str, caption: str, image: str) -> str:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # atomic: a killed run never leaves half a file behind
+    write_jsonl_atomic(path, rows)  # a killed run never leaves half a file behind
     return path
 
 
@@ -204,7 +201,6 @@ def _build_split(cfg: DemoConfig, split: str, n: int, data: Path) -> tuple[list[
     graded responses per question. Returns (exported rows, image id -> SourceImage dict, summary)."""
     from perception_collection.config import BuildConfig
     from perception_collection.pipeline import build
-    from perception_collection.store import read_jsonl
     from perception_collection.vqa_teacher import AnswerGroundedTeacher
 
     bc = BuildConfig.from_dict({
@@ -274,10 +270,8 @@ def _corpus(info: dict[str, Any]) -> list[str]:
     """Every text a tiny word-level tokenizer must cover: the data and the rendered prompt frames."""
     texts: list[str] = [Path(TEMPLATE).read_text(encoding="utf-8"), "user assistant system"]
     for key in ("vision", "caption", "test"):
-        with open(info["paths"][key], encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                texts += [r["orig_instruction"], r["orig_response"], r["output"], r.get("caption") or ""]
+        for r in read_jsonl(info["paths"][key]):
+            texts += [r["orig_instruction"], r["orig_response"], r["output"], r.get("caption") or ""]
     from vlm_judge.prompts import format_target
 
     texts += [format_target("x", s) for s in range(1, 6)]

@@ -22,6 +22,7 @@ from eval.report import slug
 from eval.run import JudgeSpec, error_judgment, judge_cached, parse_judge
 from vlm_judge import __version__
 from vlm_judge.backends import get_backend
+from vlm_judge.jsonl import exclusive_lock
 from vlm_judge.records import Rubric
 from vlm_judge.scorer import Judge
 
@@ -102,7 +103,8 @@ def _log(msg: str) -> None:
 
 
 def run_eval(cfg: EvalConfig, judges: dict[str, Judge] | None = None) -> dict[str, Any]:
-    """Run the evaluation. `judges` ({spec string: Judge}) supplies ready-made judges (Python API)."""
+    """Run the evaluation. `judges` ({spec string: Judge}) supplies ready-made judges (Python API).
+    Judgments are cached under OUT/cache and reused by a re-run (see `vlm_judge.store`)."""
     bench = load_benchmark(
         cfg.bench, format=cfg.format, column_map=cfg.column_map, rubric=_rubric(cfg.rubric),
         image_root=cfg.image_root, image_rewrites=cfg.image_rewrites or None, gold_scale=cfg.gold_scale,
@@ -111,6 +113,14 @@ def run_eval(cfg: EvalConfig, judges: dict[str, Judge] | None = None) -> dict[st
     _log(f"{bench.name}: {len(bench.items)} items, {len(bench.skipped)} rows left out ({bench.format})")
     if not bench.items:
         raise ValueError(f"no usable items in {cfg.bench}; reasons: {[s['reason'] for s in bench.skipped[:5]]}")
+    # one run at a time per report folder: a second is refused at once (vlm_judge.jsonl.Locked)
+    cache = Path(cfg.out) / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(cache, "eval"):
+        return _evaluate(cfg, bench, judges)
+
+
+def _evaluate(cfg: EvalConfig, bench: Any, judges: dict[str, Judge] | None) -> dict[str, Any]:
     items = bench.items
     out = Path(cfg.out)
     specs = [parse_judge(j) for j in cfg.judges]

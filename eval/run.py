@@ -1,21 +1,21 @@
 """Run a judge over requests with a resumable cache, and name judges on the command line.
 
-Judgments are appended to a JSONL file as each batch finishes. A re-run reuses a cached judgment
-only when the request it was made for is unchanged (a fingerprint of the request), so resuming
-never duplicates rows and an edited benchmark is re-judged.
+The cache is a `vlm_judge.store.JudgmentStore` keyed by fingerprint: a cached judgment is reused
+only for the same request (image bytes included) and the same judge settings, errors are judged
+again on a re-run, and the file is locked while a run writes to it. The rules are in that module.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vlm_judge.records import JudgeRequest, Judgment
 from vlm_judge.scorer import JUDGE_CARD, Judge
+from vlm_judge.store import FINGERPRINT, Fingerprinter, JudgmentStore, to_judgment
 
 
 @dataclass(frozen=True)
@@ -50,18 +50,6 @@ def parse_judge(spec: str) -> JudgeSpec:
     return JudgeSpec(spec, kind, backend)
 
 
-def fingerprint(request: JudgeRequest, extra: str = "") -> str:
-    """Identity of what the judge was shown; a cached judgment is reused only on a match."""
-    parts = [request.id, request.mode, request.instruction, request.response, request.response_b or "",
-             request.reference_answer or "", request.rubric.to_text(), request.image_key, extra]
-    return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
-
-
-def judgment_from_dict(d: dict[str, Any]) -> Judgment:
-    known = set(Judgment.__dataclass_fields__)
-    return Judgment(**{k: v for k, v in d.items() if k in known})
-
-
 def judge_cached(
     judge: Judge,
     requests: Sequence[JudgeRequest],
@@ -73,37 +61,27 @@ def judge_cached(
     ids = [r.id for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError("request ids must be unique within one run")
-    # the judge's settings are part of the identity: a changed template or budget re-judges
-    c = judge.config
-    setting = json.dumps([c.template, c.n_samples, c.swap, c.aggregate, c.max_parse_retries,
-                          c.params.max_new_tokens, c.params.temperature, c.params.seed])
-    fps = [fingerprint(r, setting) for r in requests]
-    done: dict[str, Judgment] = {}
-    path = Path(cache) if cache else None
-    if path and path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut off by an interrupted run: judge that row again
-            done[d.pop("_fp", "")] = judgment_from_dict(d)
-    todo = [k for k, fp in enumerate(fps) if fp not in done]
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(todo), chunk):
-        idx = todo[start : start + chunk]
-        got = judge.grade([requests[k] for k in idx])
-        lines = []
-        for k, j in zip(idx, got):
-            done[fps[k]] = j
-            lines.append(json.dumps({**j.to_dict(), "_fp": fps[k]}))
-        if path:
-            # a run killed mid-write leaves a partial last line: start ours on a fresh line
-            broken = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-            with path.open("a", encoding="utf-8") as f:
-                f.write(("\n" if broken else "") + "\n".join(lines) + "\n")
-        if progress:
-            progress(min(start + chunk, len(todo)), len(todo))
+    fingerprint = Fingerprinter(judge)
+    fps = [fingerprint(r) for r in requests]
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(JudgmentStore(cache, key=FINGERPRINT, what="eval")) if cache else None
+        done: dict[str, Judgment] = {}
+        for r, fp in zip(requests, fps):
+            line = store.reusable(r.id, fp) if store else None
+            if line is not None:
+                done[fp] = to_judgment(line)
+        todo = [k for k, fp in enumerate(fps) if fp not in done]
+        for start in range(0, len(todo), chunk):
+            idx = todo[start : start + chunk]
+            got = judge.grade([requests[k] for k in idx])
+            for k, j in zip(idx, got):
+                done[fps[k]] = j
+            if store:
+                store.add([{**j.to_dict(), FINGERPRINT: fps[k]} for k, j in zip(idx, got)])
+            if progress:
+                progress(min(start + chunk, len(todo)), len(todo))
+        if store and (todo or store.bad_lines):
+            store.compact()
     return [done[fp] for fp in fps]
 
 

@@ -16,7 +16,6 @@ re-run tries them again.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -27,6 +26,7 @@ from typing import Any
 from perception_collection.export import pair_row
 from perception_collection.rows import Drop, Instruction, SourceImage, Teacher, TeacherError
 from perception_collection.store import run_concurrently
+from vlm_judge.jsonl import BadLine, JsonlAppender, cut_torn_tail, iter_jsonl
 from vlm_judge.records import Rubric
 
 log = logging.getLogger("perception_collection.noisy")
@@ -50,34 +50,19 @@ def _norm(text: str) -> str:
 
 
 def read_done(out_path: Path) -> dict[str, dict[str, Any]]:
-    """Rows already in out_path by id. A torn last line (no newline, not valid JSON) is cut off so
-    appends continue on a clean line; a bad line elsewhere is an error naming it."""
+    """Rows already in out_path by id. The torn-tail rule of `vlm_judge.jsonl` applies to the last
+    line (cut when torn, given its newline when complete); a bad line elsewhere is an error naming it."""
     if not out_path.exists():
         return {}
-    raw = out_path.read_bytes()
-    lines = raw.split(b"\n")
+    if cut_torn_tail(out_path):
+        log.warning("%s: dropped a torn last line from an interrupted run", out_path)
     done: dict[str, dict[str, Any]] = {}
-    offset = 0
-    for n, line in enumerate(lines):
-        last = n == len(lines) - 1
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                if last or all(not rest.strip() for rest in lines[n + 1:]):
-                    log.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", out_path, len(line))
-                    with out_path.open("r+b") as f:
-                        f.truncate(offset)
-                    break
-                raise ValueError(f"{out_path}: line {n + 1} is not valid JSON ({e.msg}); fix or remove it") from e
-            if not isinstance(row, dict) or not row.get("id"):
-                raise ValueError(f"{out_path}: line {n + 1} is not a row object with an 'id'")
-            done[str(row["id"])] = row
-        offset += len(line) + 1
-    else:
-        if raw and not raw.endswith(b"\n"):  # a complete last line without its newline
-            with out_path.open("ab") as f:
-                f.write(b"\n")
+    for n, row in iter_jsonl(out_path):
+        if isinstance(row, BadLine):
+            raise ValueError(f"{out_path}: line {n} is not valid JSON ({row.reason}); fix or remove it")
+        if not row.get("id"):
+            raise ValueError(f"{out_path}: line {n} is not a row object with an 'id'")
+        done[str(row["id"])] = row
     return done
 
 
@@ -139,7 +124,7 @@ def noisy_pairs(
         log.info("noisy: %d of %d items already done in %s", len(items) - len(todo), len(items), out_path)
     drops: list[Drop] = []
     # closing(): on a bug, the work not yet started is cancelled before the error propagates
-    with out_path.open("a", encoding="utf-8") as f, closing(run_concurrently(
+    with JsonlAppender(out_path) as f, closing(run_concurrently(
             todo, lambda item: _one(teacher, item[0], item[1], seed, template), concurrency, STAGE,
             progress=False)) as work:
         for (_, ins), row, err in work:
@@ -148,8 +133,7 @@ def noisy_pairs(
                 continue
             if err is not None:
                 raise err  # a bug: the rows finished so far are already written
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()  # one complete line per finished item: a crash loses at most the line being written
+            f.write(row)  # one complete line per finished item, flushed: a crash loses at most that line
             done[pair_id(ins)] = row
     rows = [done[pair_id(ins)] for _, ins in items if pair_id(ins) in done]
     # an item listed twice yields its row once

@@ -24,6 +24,7 @@ from typing import Any
 from perception_collection.config import SourceConfig
 from perception_collection.rows import Drop, SourceImage
 from vlm_judge.images import ImageError, decode_image
+from vlm_judge.jsonl import BadLine, iter_jsonl
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _SERVER_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -301,12 +302,10 @@ def _read_metadata(path: Path) -> dict[str, dict[str, Any]]:
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     else:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as e:
-                    raise SourceError(f"{path}:{n}: not valid JSON: {e}") from e
+        for n, row in iter_jsonl(path):
+            if isinstance(row, BadLine):
+                raise SourceError(f"{path}:{n}: {row.reason}")
+            rows.append(row)
     out = {}
     for r in rows:
         name = r.get("file_name") or r.get("image")

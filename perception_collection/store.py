@@ -1,17 +1,16 @@
 """Append-only JSONL files that survive a killed run, and the concurrent task loop the stages share.
 
-A stage writes all records of one parent item (the rubrics of one image, the five responses of one
-instruction) together, each line tagged with `_of` = how many lines the item wrote. On resume an
-item counts as done only when all its lines are there: a torn last line or a half-written item
-from a killed run is discarded (and the file is compacted), never half-used.
+Reading, appending, the torn-tail rule, atomic rewrites and the run-folder lock are the core's
+(`vlm_judge.jsonl`); this module adds groups. A stage writes all records of one parent item (the
+rubrics of one image, the five responses of one instruction) together, each line tagged with
+`_of` = how many lines the item wrote. On resume an item counts as done only when all its lines
+are there: a half-written item from a killed run is discarded (and the file is compacted), never
+half-used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from perception_collection.rows import Drop, TeacherError
+from vlm_judge.jsonl import JsonlAppender, Locked, exclusive_lock, has_torn_tail, read_jsonl, write_jsonl_atomic
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -27,87 +27,18 @@ GROUP_KEY = "_of"
 """Line field: number of lines its item wrote (used to detect half-written items)."""
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All parseable object lines; a torn or garbled line (a killed writer) is skipped."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    out = []
-    with p.open("r", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                out.append(obj)
-    return out
+class JsonlWriter(JsonlAppender):
+    """The core appender (`vlm_judge.jsonl`) plus groups: one `write_group` call writes one item's
+    lines together, tagged so a half-written item is detectable."""
 
-
-class JsonlWriter:
-    """Thread-safe appender: one `write_group` call writes one item's lines and flushes them."""
-
-    def __init__(self, path: str | Path, truncate: bool = False) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not truncate:
-            _cut_torn_tail(self.path)
-        self._f = self.path.open("w" if truncate else "a", encoding="utf-8")
-        self._lock = threading.Lock()
-
-    def write(self, obj: dict[str, Any]) -> None:
+    def write(self, obj: dict[str, Any]) -> None:  # type: ignore[override]
         """Append one line (untagged: a record that is an item of its own)."""
-        self.write_group([obj], tag=False)
+        super().write([obj])
 
     def write_group(self, objs: list[dict[str, Any]], tag: bool = True) -> None:
         """Write the lines of one item in one go (tagged with `_of` so a partial item is detectable)."""
-        if not objs:
-            return
         n = len(objs)
-        text = "".join(json.dumps({**o, GROUP_KEY: n} if tag else o, ensure_ascii=False) + "\n" for o in objs)
-        with self._lock:
-            self._f.write(text)
-            self._f.flush()
-
-    def close(self) -> None:
-        """Close the file (every line was already flushed)."""
-        with self._lock:
-            if not self._f.closed:
-                self._f.close()
-
-    def __enter__(self) -> JsonlWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _cut_torn_tail(path: Path) -> None:
-    """Drop a last line without its newline (a killed write), so appends start on a fresh line."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 1))
-        if f.read(1) == b"\n":
-            return
-        # walk back to the last newline
-        pos = size
-        chunk = 4096
-        while pos > 0:
-            start = max(0, pos - chunk)
-            f.seek(start)
-            buf = f.read(pos - start)
-            i = buf.rfind(b"\n")
-            if i >= 0:
-                f.truncate(start + i + 1)
-                return
-            pos = start
-        f.truncate(0)
+        super().write([{**o, GROUP_KEY: n} if tag else o for o in objs])
 
 
 def load_groups(path: str | Path, parent_key: str) -> dict[str, list[dict[str, Any]]]:
@@ -128,22 +59,9 @@ def load_groups(path: str | Path, parent_key: str) -> dict[str, list[dict[str, A
             changed = True
         else:
             changed = True
-    if changed or (Path(path).is_file() and _has_torn_tail(Path(path))):
-        tmp = Path(str(path) + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for items in complete.values():
-                for r in items:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+    if changed or has_torn_tail(path):
+        write_jsonl_atomic(path, (r for items in complete.values() for r in items))
     return complete
-
-
-def _has_torn_tail(path: Path) -> bool:
-    if path.stat().st_size == 0:
-        return False
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
 
 
 def strip_tags(row: dict[str, Any]) -> dict[str, Any]:
@@ -264,27 +182,18 @@ def reason_of(err: BaseException) -> str:
     return str(err) if isinstance(err, TeacherError) else f"unexpected {type(err).__name__}: {err}"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(Locked):
     """Another process is building into the same run folder."""
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder: two builds appending to the same files would
-    interleave their items. The OS releases the lock when the process dies, so a killed run
-    never leaves a stale lock behind."""
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no protection, as before
+    """Hold the core's exclusive lock (`vlm_judge.jsonl.exclusive_lock`) on the run folder: two
+    builds appending to the same files would interleave their items. A killed run leaves no
+    stale lock."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive_lock(Path(run_dir), "build"))
+        except Locked as e:
+            raise RunLocked(f"another build is running in {run_dir} ({e})") from e
         yield
-        return
-    path = Path(run_dir) / ".lock"
-    with path.open("a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            raise RunLocked(f"another build is running in {run_dir} (lock {path})") from e
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

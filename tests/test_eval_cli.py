@@ -189,4 +189,51 @@ def test_cache_is_reused_only_for_the_same_request_and_settings(tmp_path, sample
     assert CountingImageAware.total == 9
     judge_cached(Judge(be, ScorerConfig()), extra, cache)
     assert CountingImageAware.total == 9
-    assert len(cache.read_text().splitlines()) == 10
+    # one line per judgment: the torn fragment was cut before the next append, and every line reads
+    cached = [json.loads(x) for x in cache.read_text().splitlines()]
+    assert len(cached) == 9 and len({c["fingerprint"] for c in cached}) == 9
+
+
+def test_eval_rerun_after_an_outage_judges_exactly_the_errored_items(tmp_path, bench):
+    """The judge's server answers HTTP 500 for two items during the first run; the re-run against the
+    healthy server sends it exactly those two requests, and the report no longer holds errors."""
+    from eval.pipeline import EvalConfig, run_eval
+    from vlm_judge.backends.openai import OpenAIBackend
+    from vlm_judge.scorer import Judge, ScorerConfig
+    from vlm_judge.serve import Fault, start_server
+
+    down = {"on": True}
+
+    def outage(n: int, body: dict) -> Fault | None:
+        text = json.dumps(body)
+        hit = "Describe the picture (1)." in text or "Describe the picture (4)." in text
+        return Fault(500, message="upstream down") if down["on"] and hit else None
+
+    with start_server(ImageAwareBackend("served"), model_name="served", faults=outage) as srv:
+        def judge() -> Judge:
+            return Judge(OpenAIBackend("served", base_url=srv.base_url, max_retries=0),
+                         ScorerConfig(max_parse_retries=0), name="served")
+
+        cfg = EvalConfig(bench=str(bench), judges=["served@openai"], out=str(tmp_path / "r"), n_boot=100)
+        first = run_eval(cfg, judges={"served@openai": judge()})["judgments"]["vision:served@openai"]
+        errored = sorted(j.id for j in first if j.status == "error")
+        assert errored == ["a1", "a4"] and all("HTTP 500" in j.reason for j in first if j.status == "error")
+        down["on"] = False
+        before = srv.stats.requests
+        again = run_eval(cfg, judges={"served@openai": judge()})["judgments"]["vision:served@openai"]
+        assert srv.stats.requests - before == 2  # only the two items that errored were asked again
+    assert [j.status for j in again] == ["ok"] * 18
+    assert [j.score for j in again if j.id not in errored] == [j.score for j in first if j.id not in errored]
+
+
+def test_a_second_eval_into_the_same_folder_is_refused(tmp_path, bench, capsys):
+    from vlm_judge.jsonl import exclusive_lock
+
+    out = tmp_path / "r"
+    (out / "cache").mkdir(parents=True)
+    with exclusive_lock(out / "cache", "eval"):  # as if another eval were writing there
+        assert main([str(bench), "--judge", "mock", "--n-boot", "100", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "another eval is writing to" in err and "Traceback" not in err
+    assert not (out / "metrics.json").exists()
+    assert main([str(bench), "--judge", "mock", "--n-boot", "100", "--out", str(out)]) == 0  # released: it runs

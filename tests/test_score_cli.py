@@ -185,3 +185,141 @@ def test_score_with_a_real_tiny_llava_judge(data, tiny_llava_dir):
         r = rows[rid]
         assert r["status"] == "parse_failure" and r["score"] is None and r["reason"], r
     assert rows["4"]["attempts"] == 2  # both orders were generated
+
+
+def _text_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_an_edited_row_or_a_changed_setting_is_judged_again(tmp_path, sample_images):
+    img = tmp_path / "pic.png"
+    shutil.copy(sample_images["astronaut"], img)
+    rows = [{"id": f"r{k}", "instruction": f"Question {k}?", "response": f"Answer {k}.", "rubric": RUBRIC}
+            for k in range(4)]
+    rows[3]["image"] = "pic.png"
+    data, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    _text_rows(data, rows)
+    run = ["--judge", "mock", "--backend", "counting", "--out", str(out)]
+    CALLS.clear()
+    assert score(str(data), *run) == 0 and sorted(CALLS) == [f"Question {k}?" for k in range(4)]
+    first = {r["id"]: r for r in lines(out)}
+
+    rows[0]["response"] = "Another answer."
+    rows[1]["rubric"] = {**RUBRIC, "score5_description": "perfect"}
+    _text_rows(data, rows)
+    shutil.copy(sample_images["chelsea"], img)  # the same path, another picture
+    CALLS.clear()
+    assert score(str(data), *run) == 0
+    assert sorted(CALLS) == ["Question 0?", "Question 1?", "Question 3?"]  # the untouched row is kept
+    assert {r["id"]: r for r in lines(out)}["r2"] == first["r2"]
+    CALLS.clear()
+    assert score(str(data), *run) == 0 and CALLS == []
+
+    for setting in (["--temperature", "0.5"], ["--max-new-tokens", "64"], ["--top-p", "0.5"], ["--retries", "0"]):
+        CALLS.clear()
+        assert score(str(data), *run, *setting) == 0
+        assert sorted(CALLS) == [f"Question {k}?" for k in range(4)], setting
+        assert [r["id"] for r in lines(out)] == ["r0", "r1", "r2", "r3"]  # still one line per row
+
+
+def test_bad_input_lines_are_error_lines_and_the_rest_is_scored(tmp_path, capsys):
+    good = [json.dumps({"id": f"g{k}", "instruction": f"Question {k}?", "response": "Yes.", "rubric": RUBRIC}).encode()
+            for k in range(3)]
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b"\n".join([
+        good[0],
+        b'{"id": "latin1", "instruction": "caf\xe9?", "response": "x"}',  # not UTF-8
+        b'{"id": "big", "n": ' + b"9" * 5000 + b"}",  # past Python's int digit limit
+        good[1],
+        b"[1, 2, 3]",  # not an object
+        good[2],
+        json.dumps({"id": "strbytes", "instruction": "Q?", "response": "A.", "rubric": RUBRIC,
+                    "image": {"bytes": "not bytes"}}).encode(),  # a readable line, a bad row
+        b'{"id": "torn", "instruction": "cut o',  # a killed writer's last line
+    ]))
+    out = tmp_path / "out.jsonl"
+    run = [str(data), "--judge", "mock", "--backend", "counting", "--out", str(out)]
+    for _ in range(2):  # a re-run does not stop at the same line either
+        CALLS.clear()
+        assert score(*run) == 3
+        rows = lines(out)
+        by_status: dict[str, list[str]] = {}
+        for r in rows:
+            by_status.setdefault(r["status"], []).append(r["id"])
+        assert by_status["ok"] == ["g0", "g1", "g2"] and len(by_status["error"]) == 5
+        reasons = [r["reason"] for r in rows if r["status"] == "error"]
+        assert "line 2" in reasons[0] and "UTF-8" in reasons[0]
+        assert "line 3" in reasons[1] and "not valid JSON" in reasons[1]
+        assert "line 5" in reasons[2] and "not a JSON object" in reasons[2]
+        assert "field 'image'" in reasons[3] and "bytes" in reasons[3]
+        assert "line 8" in reasons[4] and "no newline" in reasons[4]
+    assert CALLS == []  # the good rows were kept from the first run
+    assert "Traceback" not in capsys.readouterr().err
+
+
+SLOW_RUN = """
+import sys, time
+from pathlib import Path
+from vlm_judge.backends import register_backend
+from vlm_judge.backends.mock import MockBackend
+from vlm_judge.cli import main
+
+class Gated(MockBackend):
+    def generate(self, prompts, params):
+        Path(sys.argv[1]).touch()  # this run is judging now
+        gate = Path(sys.argv[2])
+        for _ in range(600):
+            if gate.exists():
+                break
+            time.sleep(0.05)
+        return super().generate(prompts, params)
+
+register_backend("gated", __name__ + ":Gated")
+sys.exit(main(["score", *sys.argv[3:], "--backend", "gated", "--no-progress"]))
+"""
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_the_first_loses_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    rows = [{"id": f"r{k}", "instruction": f"Question {k}?", "response": "Yes.", "rubric": RUBRIC} for k in range(40)]
+    small = tmp_path / "small.jsonl"
+    big = tmp_path / "big.jsonl"
+    _text_rows(small, rows[:5])
+    _text_rows(big, rows)
+    out, gate = tmp_path / "out.jsonl", tmp_path / "gate"
+    script = tmp_path / "slow_run.py"
+    script.write_text(SLOW_RUN)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def start(inp: Path, marker: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), str(tmp_path / marker), str(gate), str(inp), "--judge",
+                                 "mock", "--out", str(out), "--chunk-size", "4"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start(big, "first-judging")
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "first-judging").exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.05)
+        second = start(small, "second-judging")
+        # refused at once, or (the defect) judging beside the first: then let both finish and fail below
+        while second.poll() is None and not (tmp_path / "second-judging").exists():
+            assert time.time() < deadline, "the second run neither ran nor was refused"
+            time.sleep(0.05)
+        gate.touch()
+        second_rc = second.wait(timeout=120)
+        _, second_err = second.communicate()
+        first_out, first_err = first.communicate(timeout=120)
+    finally:
+        gate.touch()
+        first.kill()
+    assert first.returncode == 0, first_err
+    assert second_rc != 0, "both runs exited 0"
+    assert "another score run is writing to" in second_err and "choose another output" in second_err
+    assert [r["id"] for r in lines(out)] == [r["id"] for r in rows]  # every row of the first run
+    assert all(r["status"] == "ok" for r in lines(out))

@@ -38,6 +38,8 @@ def resolve_image(
         return ImageRef(data=bytes(value))
     if isinstance(value, dict):
         if value.get("bytes"):
+            if not isinstance(value["bytes"], (bytes, bytearray)):
+                raise ImageError(f"image 'bytes' must be the encoded file's bytes, got a {type(value['bytes']).__name__}")
             return ImageRef(data=bytes(value["bytes"]))
         value = value.get("path")
     if hasattr(value, "save") and hasattr(value, "mode"):  # a PIL image

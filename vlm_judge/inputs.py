@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_judge.images import ImageError, load_image, resolve_image
+from vlm_judge.jsonl import BadLine, iter_jsonl
 from vlm_judge.records import ImageRef, JudgeRequest, RecordError, Rubric
 
 # Columns of the published Perception / Feedback Collection schema that mark a row as one.
@@ -98,16 +99,9 @@ def iter_raw_rows(path: str | Path) -> Iterator[dict[str, Any] | RowError]:
         raise FileNotFoundError(f"input file not found: {p}")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        with p.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue  # blank lines are not rows (and do not shift later indices' meaning)
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield RowError(str(i), f"line {i + 1} is not valid JSON: {e.msg}")
-                    continue
-                yield row if isinstance(row, dict) else RowError(str(i), "line is not a JSON object")
+        # blank lines are not rows; a bad line (encoding, JSON, number size, not an object, torn) is a bad row
+        for lineno, row in iter_jsonl(p):
+            yield RowError(str(lineno - 1), str(row)) if isinstance(row, BadLine) else row
     elif suffix == ".json":
         data = json.loads(p.read_text(encoding="utf-8"))
         if isinstance(data, dict) and isinstance(data.get("data"), list):

@@ -1,9 +1,11 @@
 """JSON Lines files, read and written one way everywhere: crash-safe appends, one torn-tail rule,
 atomic rewrites, an exclusive lock, and a reader that reports a bad line instead of stopping.
 
-The torn-tail rule: a run killed mid-write leaves a last line without its newline. That line is
-never trusted: readers report it as a bad line, and an appender cuts it off before writing, so the
-next line never glues onto it.
+The torn-tail rule: a run killed mid-write leaves a last line without its newline. When that line
+is not a whole JSON object it is never trusted: readers report it as a bad line, and an appender
+cuts it off before writing, so the next line never glues onto it. When it is a whole object (every
+byte but the newline was written; no strict prefix of an object is itself an object), it is kept
+and only its newline is added.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def dumps(obj: dict[str, Any]) -> str:
 
 
 def cut_torn_tail(path: str | Path) -> bool:
-    """Drop a last line that has no newline; True when something was cut."""
+    """Apply the torn-tail rule (module docstring) to a file's last line; True when something was cut."""
     p = Path(path)
     if not p.is_file() or p.stat().st_size == 0:
         return False
@@ -85,17 +87,24 @@ def cut_torn_tail(path: str | Path) -> bool:
         f.seek(size - 1)
         if f.read(1) == b"\n":
             return False
-        pos = size
+        pos, cut = size, 0
         while pos > 0:
             start = max(0, pos - 65536)
             f.seek(start)
             i = f.read(pos - start).rfind(b"\n")
             if i >= 0:
-                f.truncate(start + i + 1)
-                return True
+                cut = start + i + 1
+                break
             pos = start
-        f.truncate(0)
-        return True
+        f.seek(cut)
+        try:
+            parse_line(f.read(size - cut), 0)
+        except BadLine:
+            f.truncate(cut)
+            return True
+        f.seek(size)
+        f.write(b"\n")
+        return False
 
 
 def has_torn_tail(path: str | Path) -> bool:

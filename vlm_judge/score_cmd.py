@@ -1,21 +1,23 @@
 """`vlm-judge score INPUT --judge NAME_OR_PATH --out OUT.jsonl`: score every row of a file.
 
 Rows are read one at a time (`vlm_judge.inputs`), scored in chunks, and appended to OUT as each
-chunk finishes, so a killed run loses at most one chunk. A re-run with the same OUT skips rows
-already judged (status ok or parse_failure) and redoes rows that errored; at the end OUT is
-rewritten once, one line per input row, in input order, with no duplicates. A bad row gets a
-line with status "error" and the reason; the other rows are still scored.
+chunk finishes, so a killed run loses at most one chunk. OUT is a `vlm_judge.store.JudgmentStore`:
+a re-run with the same OUT keeps a row's judgment only when neither the row (its text, rubric,
+image bytes) nor the judge's settings changed and it is final (ok or parse_failure); rows that
+errored are judged again; at the end OUT is rewritten once, one line per input row, in input
+order. The full resume rules are in that module's docstring. A bad row or unreadable input line
+gets a line with status "error" and the reason; the other rows are still scored. A second run on
+an OUT that a run is writing to is refused at once.
 
 Exit status: 0 when every row was judged (parse failures are judgments too), 3 when some rows
 errored (their reasons are in OUT and the summary), 1 when no row could be judged, 2 for a bad
-command line or configuration.
+command line or configuration, or an OUT that another run is writing to.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,11 @@ from typing import Any
 from vlm_judge import __version__
 from vlm_judge.backends import GenerationParams
 from vlm_judge.inputs import InputOptions, RowError, load_rubrics, read_requests
+from vlm_judge.jsonl import Locked
 from vlm_judge.records import JudgeRequest, Judgment
 from vlm_judge.scorer import JUDGE_CARD, Judge, ScorerConfig
+from vlm_judge.store import FINAL, FINGERPRINT, Fingerprinter, JudgmentStore
 from vlm_judge.summary import format_summary, summarize
-
-DONE = ("ok", "parse_failure")
-"""Statuses a re-run keeps; 'error' rows are retried."""
 
 EXIT_OK, EXIT_NOTHING, EXIT_CONFIG, EXIT_ROW_ERRORS = 0, 1, 2, 3
 
@@ -123,127 +124,97 @@ def _input_options(args: argparse.Namespace) -> InputOptions:
     )
 
 
-def read_output(path: Path) -> dict[str, dict[str, Any]]:
-    """The last line per id of an existing output file (a torn last line from a kill is skipped)."""
-    done: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return done
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "id" in row:
-                done[str(row["id"])] = row
-    return done
-
-
-def _template_name(judge: Judge) -> str:
-    """The name judgments record (a template file's stem, not its path)."""
-    from vlm_judge.prompts import get_template
-
-    return get_template(judge.config.template, "absolute").name
-
-
-def _end_torn_line(path: Path) -> None:
-    """A run killed mid-write leaves a line without its newline: close it, so the next line
-    appended is not glued to it (the torn line is unreadable, skipped, and dropped when compacting)."""
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-
-
-def _error_line(rid: str, err: RowError | str, judge: Judge, mode: str) -> dict[str, Any]:
+def _error_line(rid: str, err: RowError | str, judge: Judge, mode: str, template: str) -> dict[str, Any]:
     reason = err.reason if isinstance(err, RowError) else err
     j = Judgment(id=rid, mode="relative" if mode == "relative" else "absolute", score=None, status="error",
-                 reason=reason, attempts=0, judge=judge.name, template=_template_name(judge), version=__version__)
+                 reason=reason, attempts=0, judge=judge.name, template=template, version=__version__)
     return j.to_dict()
 
 
-def _grade(judge: Judge, chunk: list[JudgeRequest]) -> list[dict[str, Any]]:
+def _grade(judge: Judge, chunk: list[tuple[JudgeRequest, str]], template: str) -> list[dict[str, Any]]:
+    """Judge a chunk; each line carries its request's fingerprint (see vlm_judge.store)."""
     try:
-        return [j.to_dict() for j in judge.grade(chunk)]
+        got = judge.grade([r for r, _ in chunk])
+        return [{**j.to_dict(), FINGERPRINT: fp} for j, (_, fp) in zip(got, chunk)]
     except Exception as e:  # a backend crash fails this chunk's rows (retried on re-run), not the run
-        return [_error_line(r.id, f"backend failed: {type(e).__name__}: {e}", judge, r.mode) for r in chunk]
+        return [_error_line(r.id, f"backend failed: {type(e).__name__}: {e}", judge, r.mode, template) for r, _ in chunk]
 
 
-def _compact(out: Path, order: list[str]) -> list[dict[str, Any]]:
-    """Rewrite OUT with one line per id: this input's rows in input order, then any other ids."""
-    latest = read_output(out)
-    rows = [latest[i] for i in order if i in latest]
-    in_input = set(order)
-    rows += [r for k, r in latest.items() if k not in in_input]
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)  # atomic: a kill here leaves the old file, never a half one
-    return [latest[i] for i in order if i in latest]
+def _other_judge(store: JudgmentStore, judge: Judge, template: str) -> str | None:
+    """Why resuming into this file would mix two judges' verdicts, or None."""
+    other = {(r.get("judge"), r.get("template")) for r in store.lines() if r.get("status") in FINAL}
+    other.discard((judge.name, template))
+    if not other:
+        return None
+    judge_, template_ = sorted(other, key=str)[0]
+    return (f"{store.path} holds judgments by judge {judge_!r} with template {template_!r}, not "
+            f"{judge.name!r} with {template!r}; choose another --out")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Score INPUT into OUT, resuming from OUT (the rules are in vlm_judge.store's docstring)."""
     try:
         opts = _input_options(args)
         if not Path(args.input).exists():
             raise FileNotFoundError(f"input not found: {args.input}")
         judge = _load_judge(args)
+        fingerprint = Fingerprinter(judge)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         print(f"vlm-judge score: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    previous = read_output(out)
-    other = {(r.get("judge"), r.get("template")) for r in previous.values() if r.get("status") in DONE}
-    other.discard((judge.name, _template_name(judge)))
-    if other:  # resuming would mix two judges' verdicts in one file
-        judge_, template = sorted(other, key=str)[0]
-        print(f"vlm-judge score: {out} holds judgments by judge {judge_!r} with template {template!r}, not "
-              f"{judge.name!r} with {_template_name(judge)!r}; choose another --out", file=sys.stderr)
+    try:
+        with JudgmentStore(args.out, key="id", what="score run") as store:
+            return _score(args, opts, judge, fingerprint, store)
+    except Locked as e:  # another run is writing to OUT: refused at once (see vlm_judge.store)
+        print(f"vlm-judge score: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    skip = {k for k, r in previous.items() if r.get("status") in DONE}
+
+
+def _score(args: argparse.Namespace, opts: InputOptions, judge: Judge, fingerprint: Fingerprinter,
+           store: JudgmentStore) -> int:
+    out, template = store.path, fingerprint.template_name
+    mixed = _other_judge(store, judge, template)
+    if mixed:
+        print(f"vlm-judge score: {mixed}", file=sys.stderr)
+        return EXIT_CONFIG
     from tqdm import tqdm
 
     order: list[str] = []
     counts = {"skipped": 0, "judged": 0}
     bar = tqdm(desc="scoring", unit="row", disable=args.no_progress, file=sys.stderr)
-    _end_torn_line(out)
-    with out.open("a", encoding="utf-8") as f:
-        def write(lines: list[dict[str, Any]]) -> None:
-            for line in lines:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            f.flush()
-            bar.update(len(lines))
 
-        chunk: list[JudgeRequest] = []
-        try:
-            for rid, item in read_requests(args.input, opts):
-                order.append(rid)
-                if rid in skip:
-                    counts["skipped"] += 1
-                    bar.update(1)
-                    continue
-                if isinstance(item, RowError):
-                    write([_error_line(rid, item, judge, args.mode)])
-                    continue
-                chunk.append(item)
-                if len(chunk) >= args.chunk_size:
-                    write(_grade(judge, chunk))
-                    counts["judged"] += len(chunk)
-                    chunk = []
-            if chunk:
-                write(_grade(judge, chunk))
+    def write(lines: list[dict[str, Any]]) -> None:
+        store.add(lines)
+        bar.update(len(lines))
+
+    chunk: list[tuple[JudgeRequest, str]] = []
+    try:
+        for rid, item in read_requests(args.input, opts):
+            order.append(rid)
+            if isinstance(item, RowError):
+                write([_error_line(rid, item, judge, args.mode, template)])
+                continue
+            fp = fingerprint(item)
+            if store.reusable(rid, fp) is not None:
+                counts["skipped"] += 1
+                bar.update(1)
+                continue
+            chunk.append((item, fp))
+            if len(chunk) >= args.chunk_size:
+                write(_grade(judge, chunk, template))
                 counts["judged"] += len(chunk)
-        except (ValueError, FileNotFoundError, OSError) as e:  # the file itself is unreadable
-            print(f"vlm-judge score: cannot read {args.input}: {e}", file=sys.stderr)
-            return EXIT_CONFIG
-        finally:
-            bar.close()
-    final = _compact(out, order)
+                chunk = []
+        if chunk:
+            write(_grade(judge, chunk, template))
+            counts["judged"] += len(chunk)
+    except (ValueError, FileNotFoundError, OSError) as e:  # the file itself is unreadable
+        print(f"vlm-judge score: cannot read {args.input}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        bar.close()
+    final = store.compact(order)
     summary = summarize(final)
-    summary.update(input=str(args.input), out=str(out), judge=judge.name, template=_template_name(judge),
+    summary.update(input=str(args.input), out=str(out), judge=judge.name, template=template,
                    version=__version__, resumed_rows=counts["skipped"], judged_this_run=counts["judged"])
     Path(str(out) + ".summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print(format_summary(summary))
@@ -270,4 +241,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["build_parser", "main", "read_output", "run"]
+__all__ = ["build_parser", "main", "run"]

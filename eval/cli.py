@@ -52,12 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _column_map(values: list[str]) -> str | None:
-    """Repeated or comma-separated FIELD=COLUMN flags, checked, in the form load_benchmark takes."""
-    pairs = parse_pairs(values, "--column-map", split_commas=True)
-    return ",".join(f"{k}={v}" for k, v in pairs.items()) or None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from eval.pipeline import EvalConfig, run_eval
@@ -72,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 self_models.setdefault(k, []).append(v)
         cfg = EvalConfig(
             bench=args.bench, judges=args.judge, out=args.out, backend=args.backend, format=args.format,
-            column_map=_column_map(args.column_map), rubric=args.rubric, image_root=args.image_root,
+            column_map=parse_pairs(args.column_map, "--column-map", split_commas=True) or None, rubric=args.rubric, image_root=args.image_root,
             image_rewrites=parse_pairs(args.image_rewrite, "--image-rewrite"), gold_scale=(lo, hi),
             limit=args.limit, probes=probes, caption_model=args.caption_model, caption_backend=args.caption_backend,
             base_urls=args.base_url, backend_args=parse_pairs(args.backend_arg, "--backend-arg", json_values=True),

@@ -40,7 +40,8 @@ class EvalConfig:
     """Backend for judges without '@BACKEND' (default: 'openai' for a judge with a server URL, else
     from its card, 'mock' for 'mock', else 'hf')."""
     format: str | None = None
-    column_map: str | None = None
+    column_map: str | dict[str, str] | None = None
+    """FIELD=COLUMN pairs ('a=b,c=d' or a mapping)."""
     rubric: str | None = None
     """A rubric file (the 'Score N:' text form or JSON) for benchmarks without their own."""
     image_root: str | None = None

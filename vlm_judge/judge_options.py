@@ -45,8 +45,8 @@ def add_judge_options(parser: argparse.ArgumentParser, generation: bool = True, 
     if generation:
         g.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per judgment")
         g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        g.add_argument("--top-p", type=float, default=1.0)
-        g.add_argument("--seed", type=int, default=0, help="sampling seed")
+        g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+        g.add_argument("--seed", type=int, default=0, help="sampling seed (in eval also the bootstrap's)")
     if generation and retries:
         g.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
                        help="extra generations for an output that did not parse")
@@ -59,7 +59,8 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default (and none for options without one)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, [], False) or action.default is argparse.SUPPRESS:
+        if action.default is None or action.default is False or action.default == [] \
+                or action.default is argparse.SUPPRESS:
             return action.help or ""
         return super()._get_help_string(action) or ""
 

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per backend call")
     p.add_argument("--chunk-size", type=int, default=64, help="rows scored (and saved) together")
     p.add_argument("--n-samples", type=int, default=1, help="generations per row (needs --temperature > 0)")
-    p.add_argument("--aggregate", choices=["mean", "majority"], default="mean")
+    p.add_argument("--aggregate", choices=["mean", "majority"], default="mean",
+                   help="how --n-samples verdicts become one: rounded mean or the most frequent")
     p.add_argument("--no-swap", action="store_true", help="relative mode: judge one order only")
     p.add_argument("--image-root", help="folder relative image paths are resolved against (default: INPUT's folder)")
     p.add_argument("--image-rewrite", action="append", default=[], metavar="OLD=NEW",

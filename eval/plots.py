@@ -74,10 +74,14 @@ def grouped_bars(
         v = np.array([a if a is not None else np.nan for a, _, _ in vals], float)
         lo = np.array([a - b if a is not None and b is not None else 0 for a, b, _ in vals], float)
         hi = np.array([c - a if a is not None and c is not None else 0 for a, _, c in vals], float)
+        pos = x + (k - (len(series) - 1) / 2) * width
+        ok = ~np.isnan(v)
         # a percentile bootstrap interval need not contain the point estimate: clip the bar's whiskers
-        ax.bar(x + (k - (len(series) - 1) / 2) * width, np.nan_to_num(v), width,
-               yerr=[np.clip(np.nan_to_num(lo), 0, None), np.clip(np.nan_to_num(hi), 0, None)], capsize=3,
-               label=name)
+        bars = ax.bar(pos[ok], v[ok], width, yerr=[np.clip(lo[ok], 0, None), np.clip(hi[ok], 0, None)], capsize=3,
+                      label=name)
+        for xp in pos[~ok]:  # no value is not a value of 0: say so where the bar would be
+            ax.text(xp, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90,
+                    color=bars.patches[0].get_facecolor() if bars.patches else "grey")
     ax.set_xticks(x, list(groups), rotation=20, ha="right")
     ax.axhline(0, color="black", lw=0.6)
     if ylim:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -150,8 +150,10 @@ def run_probe(
     cache_dir: str | Path | None = None,
     self_names: Sequence[str] = (),
     judge_kind: str = "vision",
+    progress: Callable[[int, int], None] | None = None,
 ) -> ProbeResult:
-    """Run one probe for one judge over the items it judged (`requests` as that judge saw them)."""
+    """Run one probe for one judge over the items it judged (`requests` as that judge saw them).
+    `progress(done, total)` is called as the probed requests are judged."""
     res = ProbeResult(probe=probe, judge=judge.name, should_move=probe in SHOULD_MOVE)
     if probe == "self":
         return _self_preference(res, items, judgments, self_names)
@@ -164,6 +166,9 @@ def run_probe(
         if r.images and r.image_key not in seen:
             seen.add(r.image_key)
             images.append(r.images)
+    if probe == "order" and not any(j.mode == "relative" for j in judgments):
+        res.note = "not applicable: the order probe swaps the two responses of pairwise (relative) items"
+        return res
     if probe == "order" and all(len(j.samples) >= 2 for j in judgments if j.mode == "relative") and judge.config.swap:
         # the scorer already judged both orders: use them instead of judging again
         pairs = [(it, j.samples[0], j.samples[1]) for it, j in zip(items, judgments) if j.mode == "relative"]
@@ -181,7 +186,7 @@ def run_probe(
         return res
     one_order = Judge(judge.backend, replace(judge.config, swap=False), name=judge.name)
     cache = Path(cache_dir) / f"{probe}.jsonl" if cache_dir else None
-    after = judge_cached(one_order, todo, cache)
+    after = judge_cached(one_order, todo, cache, progress=progress)
     return _tally(res, [(i, b, a.score) for i, b, a in zip(ids, befores, after)], probe)
 
 

@@ -36,6 +36,13 @@ def _ci(d: dict[str, Any] | None) -> str:
     return f"{d['value']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
 
 
+def _paired_cells(p: dict[str, Any]) -> list[str]:
+    """A - B, its interval and p; one 'n/a (why)' when there is nothing to compare."""
+    if p.get("delta") is None or p["delta"] != p["delta"]:  # None, or NaN from an older run
+        return [f"n/a ({p.get('note') or 'no shared items'})", "", ""]
+    return [_f(p["delta"]), f"[{_f(p['lo'])}, {_f(p['hi'])}]", _f(p["p_value"])]
+
+
 def _pct(v: Any) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
@@ -174,8 +181,8 @@ def build_blocks(res: dict[str, Any], made: dict[str, list[tuple[str, str]]]) ->
         B.append(("p", "Same items for both judges (items either could not read are left out); difference of the "
                        "metric, 95% bootstrap interval, two-sided bootstrap p-value."))
         B.append(("table", ["judge A", "judge B", "mode", "category", "metric", "A - B", "95% CI", "p", "items"],
-                  [[p["judge_a"], p["judge_b"], p["mode"], p["category"], p["metric"], _f(p["delta"]),
-                    f"[{_f(p['lo'])}, {_f(p['hi'])}]", _f(p["p_value"]), p["n"]] for p in res["paired"]]))
+                  [[p["judge_a"], p["judge_b"], p["mode"], p["category"], p["metric"], *_paired_cells(p), p["n"]]
+                   for p in res["paired"]]))
 
     if res.get("probes"):
         B.append(("h", 2, "Bias probes"))

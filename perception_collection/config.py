@@ -1,9 +1,13 @@
 """The data builder's configuration: one dataclass tree; a YAML recipe is a saved instance.
 
 `BuildConfig.from_yaml(path)` reads a recipe, `with_overrides(["teacher.model=x", ...])` applies
-dotted KEY=VALUE flags on top, and every bad value or bad combination fails in `__post_init__` with
-a `ConfigError` that names the fields, before any image is read or any teacher call is made.
-Relative paths in a recipe are taken relative to the current directory (like every other command).
+dotted KEY=VALUE flags on top (the one override parser, `vlm_judge.options.parse_overrides`), and
+every bad value or bad combination fails in `__post_init__` with a `ConfigError` that names the
+fields, before any image is read or any teacher call is made.
+
+Relative paths written in a recipe (source and seed files, an hf teacher's model folder) are relative
+to the recipe file, as in training recipes; paths given as overrides on the command line are relative
+to the working directory. `out` (the run folder) is an output path: relative to the working directory.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from typing import Any
 import yaml
 
 from perception_collection.export import FORMATS as EXPORT_FORMATS
+from vlm_judge.options import ConfigError, parse_overrides, parse_pairs, recipe_path, set_dotted, yaml_value
 
 SOURCE_KINDS = ("coco", "mmmu", "folder", "easyvqa")
 TEACHER_KINDS = ("openai", "hf", "answer_grounded")
 
 
-class ConfigError(ValueError):
-    """A recipe or flag is invalid; the message names the field(s)."""
+# source and seed fields that hold paths (resolved against the recipe's folder by `from_yaml`)
+_PATH_FIELDS = {"source": ("path", "images", "captions", "instances", "metadata"), "seeds": ("path",)}
 
 
 @dataclass
@@ -136,7 +141,8 @@ class TeacherConfig:
     parse_retries: int = 1
     """Extra calls (with another sampling seed) when the output cannot be parsed."""
     backend_args: dict[str, Any] = field(default_factory=dict)
-    """Extra options for the backend (e.g. hf: device, dtype)."""
+    """Extra options for the backend (e.g. hf: device, dtype): a mapping, or KEY=VALUE text as
+    `--backend-arg` takes it (`teacher.backend_args=device=cuda:0,dtype=bfloat16`)."""
 
     def __post_init__(self) -> None:
         if self.kind not in TEACHER_KINDS:
@@ -150,8 +156,11 @@ class TeacherConfig:
                               "teacher.max_retries and teacher.parse_retries >= 0")
         if self.temperature < 0 or self.timeout <= 0:
             raise ConfigError("teacher.temperature must be >= 0 and teacher.timeout > 0")
+        if isinstance(self.backend_args, (str, list)):
+            self.backend_args = parse_pairs(self.backend_args, "teacher.backend_args", split_commas=True,
+                                            json_values=True)
         if not isinstance(self.backend_args, dict):
-            raise ConfigError("teacher.backend_args must be a mapping")
+            raise ConfigError("teacher.backend_args must be a mapping (or KEY=VALUE,...)")
 
 
 def _filter_config(value: Any) -> Any:
@@ -233,7 +242,9 @@ class BuildConfig:
             d = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {p} is not valid YAML: {e}") from e
-        return cls.from_dict(d)
+        if not isinstance(d, dict):
+            raise ConfigError(f"recipe {p}: expected a mapping of fields, got {type(d).__name__}")
+        return cls.from_dict(_resolve_paths(d, p.resolve().parent))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping (the resolved recipe)."""
@@ -248,29 +259,27 @@ class BuildConfig:
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> BuildConfig:
         """A copy with dotted KEY=VALUE overrides applied (values parsed as YAML: 3, true, [a, b])."""
         d = self.to_dict()
-        items = overrides.items() if isinstance(overrides, dict) else [_split_kv(s) for s in overrides]
+        if isinstance(overrides, dict):
+            items = overrides.items()
+        else:
+            items = ((k, yaml_value(v)) for k, v in parse_overrides(overrides)[0].items())
         for key, value in items:
-            node = d
-            parts = key.split(".")
-            for part in parts[:-1]:
-                if not isinstance(node.get(part), dict):
-                    raise ConfigError(f"override {key!r}: {part!r} is not a section")
-                node = node[part]
-            if parts[-1] not in node:
-                raise ConfigError(f"override {key!r}: unknown field {parts[-1]!r}; known: {sorted(node)}")
-            node[parts[-1]] = value
+            set_dotted(d, key, value)
         return BuildConfig.from_dict(d)
 
 
-def _split_kv(s: str) -> tuple[str, Any]:
-    key, sep, raw = s.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override must be KEY=VALUE (e.g. teacher.model=my-vlm), got {s!r}")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+def _resolve_paths(d: dict[str, Any], recipe_dir: Path) -> dict[str, Any]:
+    """A parsed recipe with its relative paths made relative to the recipe's folder."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for section, names in _PATH_FIELDS.items():
+        sec = d.get(section)
+        for name in names if isinstance(sec, dict) else ():
+            if isinstance(sec.get(name), str) and sec[name]:
+                sec[name] = recipe_path(sec[name], recipe_dir)
+    teacher = d.get("teacher")
+    if isinstance(teacher, dict) and teacher.get("kind") == "hf" and isinstance(teacher.get("model"), str):
+        teacher["model"] = recipe_path(teacher["model"], recipe_dir, model_name=True)
+    return d
 
 
 def _build(cls: type, d: dict[str, Any], where: str) -> Any:

@@ -237,3 +237,73 @@ def test_a_second_eval_into_the_same_folder_is_refused(tmp_path, bench, capsys):
     assert "another eval is writing to" in err and "Traceback" not in err
     assert not (out / "metrics.json").exists()
     assert main([str(bench), "--judge", "mock", "--n-boot", "100", "--out", str(out)]) == 0  # released: it runs
+
+
+def test_two_served_judges_on_two_servers_with_backend_args(tmp_path, bench):
+    """Each judge reaches its own server (NAME=URL); --backend-arg sets the client's timeout and retries."""
+    from vlm_judge.backends.mock import MockBackend
+    from vlm_judge.serve import start_server
+
+    with start_server(ImageAwareBackend("aware"), model_name="aware") as a, \
+            start_server(MockBackend("blind"), model_name="blind") as b:
+        out = tmp_path / "r"
+        rc = main([str(bench), "--judge", "aware@openai", "--judge", "blind", "--base-url", f"aware={a.base_url}",
+                   "--base-url", f"blind={b.base_url}", "--backend-arg", "timeout=30", "--backend-arg", "max_retries=0",
+                   "--n-boot", "100", "--out", str(out), "--no-progress"])
+        assert rc == 0
+        assert a.stats.requests > 0 and b.stats.requests > 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["judges"]["vision:aware@openai"]["scored"] == 18 and m["judges"]["vision:blind"]["scored"] == 18
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["backend_args"] == {"timeout": 30, "max_retries": 0}
+
+
+def test_eval_exits_3_when_items_errored(tmp_path, bench, capsys):
+    from vlm_judge.serve import Fault, start_server
+
+    with start_server(ImageAwareBackend("down"), model_name="down", faults=lambda n, body: Fault(500)) as h:
+        rc = main([str(bench), "--judge", "down@openai", "--base-url", h.base_url, "--backend-arg", "max_retries=0",
+                   "--retries", "0", "--n-boot", "100", "--out", str(tmp_path / "r"), "--no-progress"])
+    assert rc == 3
+    captured = capsys.readouterr()
+    assert "errors 18" in captured.out and "18 judgments errored" in captured.err
+    assert (tmp_path / "r" / "report.md").is_file()  # the report is still written
+
+
+def test_eval_shows_progress_and_help_shows_defaults(tmp_path, bench, capsys):
+    assert main([str(bench), "--judge", "mock", "--probes", "length", "--n-boot", "100", "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert "judging (vision:mock)" in err and "probe length (vision:mock)" in err and "18/18" in err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "--retries" in text and "(default: 2)" in text and "(default: 1000)" in text and "--backend-arg" in text
+    assert "--max-parse-retries" not in text
+
+
+def test_no_shared_items_and_inapplicable_probes_say_so(tmp_path, bench, sample_images):
+    """The paired test with nothing shared is 'n/a (no shared items)', not 'nan [nan, nan] nan'; the
+    order probe on absolute items is 'not applicable'."""
+    from tests.test_eval_probes import write_bench
+
+    mute = _card(tmp_path / "mute_judge", "eval-test-mute")
+    out = tmp_path / "r"
+    assert main([str(bench), "--judge", mute, "--judge", "mock", "--n-boot", "100", "--out", str(out),
+                 "--retries", "0", "--no-progress"]) == 0
+    md = (out / "report.md").read_text()
+    assert "n/a (no shared items)" in md and "nan" not in md
+    absolute = write_bench(tmp_path, sample_images, rows=4)
+    assert main([str(absolute), "--judge", "mock", "--probes", "order", "--n-boot", "100", "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    order = json.loads((tmp_path / "o" / "metrics.json").read_text())["probes"]["vision:mock"][0]
+    assert order["probe"] == "order" and order["note"].startswith("not applicable")
+    assert "not applicable" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_probe_plot_draws_no_value_as_n_a_not_zero(tmp_path):
+    from eval.plots import grouped_bars
+
+    zero = grouped_bars(["order"], {"j": [(0.0, 0.0, 0.0)]}, "rate", "t", tmp_path / "zero.png", ylim=(0, 1))
+    none = grouped_bars(["order"], {"j": [(None, None, None)]}, "rate", "t", tmp_path / "none.png", ylim=(0, 1))
+    with Image.open(zero) as a, Image.open(none) as b:
+        assert a.size == b.size and a.tobytes() != b.tobytes()  # n/a is drawn, unlike a bar of height 0

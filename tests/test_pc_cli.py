@@ -153,3 +153,36 @@ def test_shipped_coco_recipe_runs_with_its_paths_pointed_at_real_files(tmp_path,
     assert s["counts"]["images"] == 2 and s["counts"]["kept"] == 20  # 2 images x 2 rubrics x 1 x 5
     fc = [json.loads(line) for line in (tmp_path / "run" / "export" / "feedback_collection.jsonl").read_text().splitlines()]
     assert len(fc) == 20 and any("An astronaut with a helmet." in r["instruction"] for r in fc)
+
+
+def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path, photo_dir, capsys, monkeypatch):
+    """A recipe beside its data runs from any working folder; an override's path is the working folder's."""
+    with start_server(ScriptedVLM()) as srv:
+        recipe = _recipe(tmp_path, photo_dir, srv.base_url)
+        d = yaml.safe_load(recipe.read_text())
+        d["source"]["path"] = "photos"  # relative to the recipe's folder (tmp_path)
+        recipe.write_text(yaml.safe_dump(d))
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        assert main(["build", str(recipe), "--dry-run"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["source"]["path"] == str(photo_dir)
+        assert main(["build", str(recipe), "--out", str(tmp_path / "run"), "--limit", "1", "--no-progress"]) == 0
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["counts"]["kept"] == 10
+        capsys.readouterr()
+        assert main(["build", str(recipe), "--dry-run", "source.path=mine"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["source"]["path"] == "mine"
+
+
+def test_teacher_backend_args_take_key_value_text(capsys):
+    assert main(["build", "folder-openai", "--dry-run", "teacher.backend_args=prefix_mode=message,backoff=0.1"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["teacher"]["backend_args"] == {"prefix_mode": "message", "backoff": 0.1}
+    assert main(["build", "folder-openai", "--dry-run", "teacher.backend_args=oops"]) == 2
+    assert "teacher.backend_args expects KEY=VALUE" in capsys.readouterr().err
+
+
+def test_one_config_error_for_every_recipe():
+    from train.config import ConfigError as TrainConfigError
+    from vlm_judge.options import ConfigError as CoreConfigError
+
+    assert ConfigError is CoreConfigError and TrainConfigError is CoreConfigError

@@ -323,3 +323,25 @@ def test_a_second_run_on_the_same_out_is_refused_and_the_first_loses_nothing(tmp
     assert "another score run is writing to" in second_err and "choose another output" in second_err
     assert [r["id"] for r in lines(out)] == [r["id"] for r in rows]  # every row of the first run
     assert all(r["status"] == "ok" for r in lines(out))
+
+
+def test_mock_judge_with_a_base_url_is_scored_by_the_server(data, capsys):
+    """`--judge mock --base-url URL` goes to the server (the openai backend), not an in-process mock."""
+    from vlm_judge.serve import start_server
+
+    CALLS.clear()
+    with start_server(CountingBackend("mock"), model_name="mock") as h:
+        rc = score(str(data), "--judge", "mock", "--base-url", h.base_url, "--out", str(data.parent / "o.jsonl"),
+                   "--backend-arg", "timeout=20", "--backend-arg", "max_retries=0")
+    assert rc == 3  # the two bad rows, as in process
+    assert len(CALLS) == 1 + 1 + 2 + 3  # every judged row reached the served model
+    assert {r["judge"] for r in lines(data.parent / "o.jsonl")} == {"mock"}
+
+
+def test_score_help_shows_defaults_and_the_shared_judge_options(capsys):
+    with pytest.raises(SystemExit):
+        score("--help")
+    text = capsys.readouterr().out
+    assert "judge options" in text and "--backend-arg" in text and "--retries" in text
+    assert "(default: 512)" in text and "(default: 2)" in text
+    assert "--max-parse-retries" not in text  # the old eval spelling: accepted, not shown

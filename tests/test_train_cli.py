@@ -49,3 +49,28 @@ def test_tiny_recipe_trains_and_the_judge_scores(tmp_path):
     assert rc in (0, 1)  # 1 may mean 'some rows did not parse': a 4-step tiny judge writes noise
     lines = [json.loads(line) for line in scored.read_text().splitlines() if line.strip()]
     assert len(lines) == 2 and all("status" in json.dumps(x) for x in lines)
+
+
+def test_recipe_paths_are_the_recipes_and_flag_paths_the_working_folders(tmp_path, monkeypatch, capsys):
+    """One path rule (as in data-build recipes): a recipe's relative paths are relative to the recipe
+    file, even for files not made yet; a flag's path is relative to the working folder."""
+    import yaml
+
+    from train.cli import main
+
+    sub = tmp_path / "recipes"
+    sub.mkdir()
+    (sub / "rows.jsonl").write_text("{}\n")
+    (sub / "r.yaml").write_text("base_model: org/model\ntrain_data: [later.jsonl]\neval_data: [rows.jsonl]\n"
+                                "image_root: images\n")
+    monkeypatch.chdir(tmp_path)
+    assert main([str(sub / "r.yaml"), "--check"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["train_data"] == [str(sub / "later.jsonl")] and cfg["eval_data"] == [str(sub / "rows.jsonl")]
+    assert cfg["image_root"] == str(sub / "images") and cfg["base_model"] == "org/model"  # a hub name stays
+    # flags: the working folder's paths, in either override spelling
+    assert main([str(sub / "r.yaml"), "--eval_data", "rows.jsonl", "lora.r=4", "--check"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["eval_data"] == ["rows.jsonl"] and cfg["lora_r"] == 4
+    assert main([str(sub / "r.yaml"), "oops"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """`vlm-judge train RECIPE.yaml [--field value ...]` and `vlm-judge train merge ...`.
 
-Flags override recipe fields by name (`--lr 1e-4`, `--lora.r 8` or `--lora_r 8`,
+Flags override recipe fields by name (`--lr 1e-4`, `--lora.r 8`, `--lora_r 8` or `lora.r=8`,
 `--train_data a.jsonl,b.jsonl`). `--check` loads and validates the recipe, prints the resolved
 recipe and exits. Under `accelerate launch -m vlm_judge.cli train ...` the same command runs on
 N GPUs.
@@ -11,7 +11,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from train.config import ConfigError, TrainConfig
+from train.config import TrainConfig
+from vlm_judge.options import ConfigError
+from vlm_judge.options import parse_overrides as _parse_overrides
+
+SWITCHES = ("check", "help")
 
 USAGE = """usage: vlm-judge train RECIPE.yaml [--check] [--FIELD VALUE ...]
        vlm-judge train merge JUDGE_ABS JUDGE_REL --out DIR [--method linear|ties|dare|dare_ties] [--weights 0.5,0.5]
@@ -22,29 +26,9 @@ Multi-GPU: accelerate launch --config_file train/recipes/accelerate/ddp.yaml -m 
 
 
 def parse_overrides(args: list[str]) -> tuple[dict[str, Any], set[str]]:
-    """['--lr', '1e-4', '--x=y', '--check'] -> ({'lr': '1e-4', 'x': 'y'}, {'check'})."""
-    out: dict[str, Any] = {}
-    switches: set[str] = set()
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--"):
-            raise ConfigError(f"unexpected argument {a!r} (flags look like --field value)")
-        key = a[2:]
-        if key in ("check", "help"):
-            switches.add(key)
-            i += 1
-            continue
-        if "=" in key:
-            key, val = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"flag --{key} needs a value")
-            val = args[i + 1]
-            i += 2
-        out[key.replace("-", "_")] = val
-    return out, switches
+    """['--lr', '1e-4', '--x=y', 'lora.r=8', '--check'] -> ({'lr': '1e-4', 'x': 'y', 'lora.r': '8'}, {'check'})
+    (the one override parser, with train's two switches)."""
+    return _parse_overrides(args, switches=SWITCHES)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,13 @@
 """TrainConfig: one dataclass for a training run. A YAML recipe is a saved instance of it.
 
 `vlm-judge train RECIPE.yaml --lr 1e-4 --lora.r 8`: the recipe is read, flags override fields
-(dotted names are flattened to underscores, so `--lora_r` and `--lora.r` are the same), and
-`__post_init__` rejects bad combinations with a message that names the fields involved.
+(parsed by the one override parser, `vlm_judge.options.parse_overrides`; dotted names are flattened
+to underscores, so `--lora_r` and `--lora.r` are the same), and `__post_init__` rejects bad
+combinations with a message that names the fields involved.
+
+Relative paths written in a recipe are relative to the recipe file (`vlm_judge.options.recipe_path`,
+the rule data-build recipes follow too); paths given as flags are relative to the working directory,
+and `output_dir` (an output path) always is.
 """
 
 from __future__ import annotations
@@ -14,13 +19,11 @@ from typing import Any, Literal
 
 import yaml
 
+from vlm_judge.options import ConfigError, recipe_path
+
 KINDS = ("vision", "text")
 FINETUNES = ("lora", "full")
 MODES = ("absolute", "relative", "mixed")
-
-
-class ConfigError(ValueError):
-    """A recipe has an unknown field, a bad value, or fields that conflict."""
 
 
 @dataclass
@@ -187,16 +190,19 @@ class TrainConfig:
                 raise ConfigError(f"recipe {p}: expected a mapping of fields, got {type(loaded).__name__}")
             data = _flatten(loaded)
             base_dir = p.resolve().parent
-        data.update(_flatten(overrides or {}))
+        flags = _flatten(overrides or {})
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted((set(data) | set(flags)) - set(known))
         if unknown:
             raise ConfigError(f"unknown recipe field(s) {unknown}; known fields: {sorted(known)}")
-        data = {k: _coerce(known[k], v) for k, v in data.items()}
-        if base_dir is not None:
+        if base_dir is not None:  # the recipe's own paths, before the flags (which are the cwd's)
             data = _resolve_paths(data, base_dir)
-        cfg = cls(**data)
-        return cfg
+        data.update(flags)
+        data = {k: _coerce(known[k], v) for k, v in data.items()}
+        try:
+            return cls(**data)
+        except TypeError as e:  # e.g. a YAML list where a number belongs
+            raise ConfigError(f"recipe: {e}") from e
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -243,20 +249,13 @@ def _coerce(f: dataclasses.Field, v: Any) -> Any:
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Recipe-relative paths -> absolute, so a recipe works from any working directory."""
-
-    def fix(p: str) -> str:
-        if p.startswith(("/", "~")) or "://" in p:
-            return str(Path(p).expanduser())
-        cand = base / p
-        # a hub name like 'llava-hf/llava-1.5-7b-hf' stays as is when no such local path exists
-        return str(cand) if cand.exists() or p.startswith(".") else p
-
     for key in ("train_data", "eval_data", "allowed_image_dirs"):
         if data.get(key):
-            data[key] = [fix(x) for x in (data[key] if isinstance(data[key], list) else [data[key]])]
+            data[key] = [recipe_path(x, base) for x in (data[key] if isinstance(data[key], list) else [data[key]])]
     # output_dir stays relative to the working directory, like any command's output path
     for key in ("base_model", "image_root", "chat_template"):
         v = data.get(key)
+        # chat_template may be Jinja text, base_model a hub name or a built-in tiny model
         if isinstance(v, str) and v and "\n" not in v and "{" not in v and not v.startswith("tiny:"):
-            data[key] = fix(v)
+            data[key] = recipe_path(v, base, model_name=key != "image_root")
     return data

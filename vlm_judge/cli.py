@@ -4,7 +4,10 @@ used, so `vlm-judge score` never loads training code (and `vlm_judge` never impo
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
+from types import ModuleType
 
 # subcommand -> ("module:function taking argv and returning an exit code", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,6 +26,26 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _import_installed(module_name: str) -> ModuleType:
+    """Import a subcommand module from the packages installed beside `vlm_judge`. `train` and `eval`
+    are generic names: with `python -m vlm_judge.cli`, the working folder comes first on sys.path,
+    so a user's own train.py or eval.py would otherwise be imported in their place."""
+    top = module_name.split(".")[0]
+    folder = Path(__file__).resolve().parent.parent / top
+    if top not in sys.modules and (folder / "__init__.py").is_file():
+        spec = importlib.util.spec_from_file_location(top, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        assert spec is not None and spec.loader is not None
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[top] = package
+        try:
+            spec.loader.exec_module(package)
+        except BaseException:
+            del sys.modules[top]
+            raise
+    return importlib.import_module(module_name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -39,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     target, _ = COMMANDS[argv[0]]
     module_name, func = target.split(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_installed(module_name)
     except ImportError as e:
         print(f"vlm-judge {argv[0]}: missing dependency: {e}", file=sys.stderr)
         return 1

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from vlm_judge import __version__
-from vlm_judge.backends import GenerationParams
 from vlm_judge.inputs import InputOptions, RowError, load_rubrics, read_requests
 from vlm_judge.jsonl import Locked
+from vlm_judge.judge_options import add_judge_options, judge_kwargs, judge_parser
+from vlm_judge.options import parse_pairs
 from vlm_judge.records import JudgeRequest, Judgment
-from vlm_judge.scorer import JUDGE_CARD, Judge, ScorerConfig
+from vlm_judge.scorer import Judge
 from vlm_judge.store import FINAL, FINGERPRINT, Fingerprinter, JudgmentStore
 from vlm_judge.summary import format_summary, summarize
 
@@ -35,28 +36,18 @@ EXIT_OK, EXIT_NOTHING, EXIT_CONFIG, EXIT_ROW_ERRORS = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlm-judge score", description=__doc__.split("\n\n")[0])
+    p = judge_parser("vlm-judge score", __doc__.split("\n\n")[0])
     p.add_argument("input", help="rows to score: .jsonl, .json, .parquet, .arrow or a datasets folder")
     p.add_argument("--judge", required=True, help="'mock', a judge folder, a model path/name, or a served model's name")
     p.add_argument("--out", required=True, help="output JSONL (re-runs resume from it)")
-    p.add_argument("--backend", help="hf, openai, vllm, mock or a registered backend "
-                   "(default: the judge folder's card, 'openai' with --base-url, else 'hf')")
-    p.add_argument("--base-url", action="append", default=[], metavar="URL",
-                   help="OpenAI-compatible server; repeat to spread rows over several")
-    p.add_argument("--backend-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra backend option, e.g. device=cuda:0, dtype=bfloat16, concurrency=16 (value parsed as JSON when it can be)")
-    p.add_argument("--template", help="default, prefix, or a template file (default: the judge card's, else 'default')")
+    add_judge_options(p)
     p.add_argument("--mode", choices=["auto", "absolute", "relative"], default="auto",
                    help="auto: relative for rows with response_b, absolute otherwise")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per backend call")
     p.add_argument("--chunk-size", type=int, default=64, help="rows scored (and saved) together")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-samples", type=int, default=1, help="generations per row (needs --temperature > 0)")
-    p.add_argument("--aggregate", choices=["mean", "majority"], default="mean")
-    p.add_argument("--retries", type=int, default=2, help="extra generations for an output that did not parse")
+    p.add_argument("--aggregate", choices=["mean", "majority"], default="mean",
+                   help="how --n-samples verdicts become one: rounded mean or the most frequent")
     p.add_argument("--no-swap", action="store_true", help="relative mode: judge one order only")
     p.add_argument("--image-root", help="folder relative image paths are resolved against (default: INPUT's folder)")
     p.add_argument("--image-rewrite", action="append", default=[], metavar="OLD=NEW",
@@ -71,46 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        for part in item.split(",") if flag == "--column-map" else [item]:
-            if "=" not in part:
-                raise ValueError(f"{flag} expects KEY=VALUE, got {part!r}")
-            k, v = part.split("=", 1)
-            out[k.strip()] = v.strip() if flag == "--column-map" else v
-    return out
-
-
-def _backend_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kw: dict[str, Any] = {}
-    for k, v in _pairs(args.backend_arg, "--backend-arg").items():
-        try:
-            kw[k] = json.loads(v)
-        except json.JSONDecodeError:
-            kw[k] = v
-    if len(args.base_url) == 1:
-        kw["base_url"] = args.base_url[0]
-    elif args.base_url:
-        kw["base_urls"] = args.base_url
-    return kw
-
-
 def _load_judge(args: argparse.Namespace) -> Judge:
-    card_path = Path(args.judge) / JUDGE_CARD
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed)
-    config = ScorerConfig(
-        template=args.template or card.get("template", "default"), batch_size=args.batch_size,
-        max_parse_retries=args.retries, n_samples=args.n_samples, aggregate=args.aggregate,
-        swap=not args.no_swap, params=params,
-    )
-    # fail on a bad template now, not after the model has loaded
-    from vlm_judge.prompts import get_template
-
-    get_template(config.template, "absolute")
-    return Judge.load(args.judge, backend=args.backend, config=config, **_backend_kwargs(args))
+    # the template and the options are checked before the model loads
+    backend, kwargs, config = judge_kwargs(
+        args, args.judge, batch_size=args.batch_size, n_samples=args.n_samples, aggregate=args.aggregate,
+        swap=not args.no_swap)
+    return Judge.load(args.judge, backend=backend, config=config, **kwargs)
 
 
 def _input_options(args: argparse.Namespace) -> InputOptions:
@@ -118,9 +75,9 @@ def _input_options(args: argparse.Namespace) -> InputOptions:
     if args.rubric:
         default_rubric, library = load_rubrics(args.rubric)
     return InputOptions(
-        image_root=args.image_root, image_rewrites=_pairs(args.image_rewrite, "--image-rewrite"),
-        allowed=args.image_allow, column_map=_pairs(args.column_map, "--column-map"), mode=args.mode,
-        default_rubric=default_rubric, rubrics=library, max_pixels=args.max_pixels,
+        image_root=args.image_root, image_rewrites=parse_pairs(args.image_rewrite, "--image-rewrite"),
+        allowed=args.image_allow, column_map=parse_pairs(args.column_map, "--column-map", split_commas=True),
+        mode=args.mode, default_rubric=default_rubric, rubrics=library, max_pixels=args.max_pixels,
     )
 
 

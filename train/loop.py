@@ -3,7 +3,8 @@
 Runs the same on one CPU, one GPU, or N GPUs / nodes under `accelerate launch` (DDP, FSDP,
 DeepSpeed ZeRO-2/3 via the configs in train/recipes/accelerate/). One optimizer step per
 `grad_accum` micro-batches; the step count, the optimizer, the scheduler, the RNG and the
-position in the data are checkpointed, so a resumed run continues where it stopped.
+position in the data are checkpointed (as tensors and JSON, see train/checkpoint.py: a resume
+unpickles nothing), so a resumed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.data import Example, LoadReport, RowContext, RowError, augment, load_examples, split_heldout
 from train.encode import Encoder, collate
@@ -201,22 +203,27 @@ def train(cfg: TrainConfig) -> TrainResult:
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     # not prepared: accelerate would step a prepared scheduler once per process
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
-    acc.register_for_checkpointing(sched)
+    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     # ---- resume -----------------------------------------------------------------------------
     step, micro_done = 0, 0
     if cfg.resume:
+        if sharded:
+            # a sharded optimizer state has no plain-tensor form here; accelerate's own would be unpickled
+            raise CheckpointError("resume under FSDP/DeepSpeed is not supported (it would load pickled state); "
+                                  "resume on DDP or one device, or start from the saved judge")
         ck = _latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
         if ck is None or not ck.is_dir():
-            raise FileNotFoundError(f"resume={cfg.resume!r}: no checkpoint found under {out / 'checkpoints'}")
-        acc.load_state(str(ck))
-        state = json.loads((ck / "trainer_state.json").read_text())
+            raise CheckpointError(f"resume={cfg.resume!r}: no checkpoint found under {out / 'checkpoints'}")
+        state = load_checkpoint(acc, model, opt, sched, ck)
         step, micro_done = state["step"], state["micro_batches"]
         info("resumed from %s at step %d", ck, step)
 
+    if sharded and cfg.save_every:
+        log.warning("save_every=%d: no checkpoints under FSDP/DeepSpeed (resume needs a plain-tensor optimizer "
+                    "state); the judge folder is still written at the end", cfg.save_every)
     if trackers:
         acc.init_trackers("vlm_judge_train", config={k: str(v) for k, v in cfg.to_dict().items()})
-    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     res = TrainResult(out, step, report=report, is_main=acc.is_main_process)
     info("training %d steps (%d examples, %d micro-batches/epoch, grad_accum %d, %d process(es), %s)",
          total, len(examples), micro_per_epoch, cfg.grad_accum, acc.num_processes, "bf16" if bf16 else "fp32")
@@ -268,8 +275,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     acc.log({"train/loss": res.losses[-1], "train/lr": sched.get_last_lr()[0]}, step=step)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 run_eval()
-            if cfg.save_every and step % cfg.save_every == 0:
-                _checkpoint(acc, out, step, micro_done, cfg.keep_checkpoints)
+            if cfg.save_every and step % cfg.save_every == 0 and not sharded:
+                _checkpoint(acc, model, opt, sched, out, step, micro_done, cfg.keep_checkpoints)
             if step >= total:
                 break
     res.seconds = time.perf_counter() - t0
@@ -294,11 +301,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     return res
 
 
-def _checkpoint(acc: Any, out: Path, step: int, micro_done: int, keep: int) -> None:
+def _checkpoint(acc: Any, model: Any, opt: Any, sched: Any, out: Path, step: int, micro_done: int, keep: int) -> None:
     ck = out / "checkpoints" / f"step-{step}"
-    acc.save_state(str(ck))
+    save_checkpoint(acc, model, opt, sched, ck, step, micro_done)
     if acc.is_main_process:
-        (ck / "trainer_state.json").write_text(json.dumps({"step": step, "micro_batches": micro_done}))
         cks = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         for old in cks[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

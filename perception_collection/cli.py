@@ -86,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"vlm-judge data build: missing dependency: {e}", file=sys.stderr)
         return EXIT_FAILED
+    from perception_collection.pipeline import build, resolved_recipe_yaml
+
     if args.dry_run:
-        print(cfg.to_yaml(), end="")
+        print(resolved_recipe_yaml(cfg), end="")
         return EXIT_OK
 
-    from perception_collection.pipeline import build
     from perception_collection.sources import SourceError
     from perception_collection.store import RunLocked
 

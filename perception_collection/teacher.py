@@ -36,7 +36,7 @@ from perception_collection.rows import SCORES, SeedRubric, SourceImage, Teacher,
 from perception_collection.store import JsonlWriter, read_jsonl
 from vlm_judge.backends import Backend, GenerationParams, Prompt, get_backend
 from vlm_judge.records import ImageRef, RecordError, Rubric
-from vlm_judge.redact import redact_url
+from vlm_judge.redact import redact_text, redact_url
 
 _VERDICT_TAIL = re.compile(r"(\s*(So the overall score is|Overall score:|Score:)\s*(\d)\s*\.?\s*)?(\[RESULT\]\s*(\d)\s*)?$",
                            re.I)
@@ -299,7 +299,8 @@ class LLMTeacher:
         self._count(calls=1, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
         if gen.error is not None or gen.text is None:
             self._count(errors=1)
-            raise TeacherError(f"teacher call failed: {gen.error or 'no text'}")
+            # the reason goes into drop files: a URL in it keeps no credentials
+            raise TeacherError(f"teacher call failed: {redact_text(gen.error or 'no text')}")
         if gen.completion_tokens > params.max_new_tokens or len(gen.text) > self.max_chars:
             self._count(oversize=1)
             what = (f"{gen.completion_tokens} completion tokens, over max_tokens {params.max_new_tokens}"

@@ -26,7 +26,17 @@ def test_every_shipped_recipe_loads_validates_and_round_trips():
         assert BuildConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg  # the saved form reloads
 
 
-def test_dry_run_prints_the_resolved_recipe_with_overrides(capsys):
+def _coco_files(root: Path) -> None:
+    """The files the shipped coco-small recipe names, relative to the folder a user runs it from."""
+    (root / "data/coco/val2017").mkdir(parents=True)
+    for name in ("captions_val2017.json", "instances_val2017.json"):
+        (root / "data/coco/annotations" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "data/coco/annotations" / name).write_text("{}")
+
+
+def test_dry_run_prints_the_resolved_recipe_with_overrides(capsys, tmp_path, monkeypatch):
+    _coco_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
     assert main(["build", "coco-small", "--dry-run", "--limit", "3", "--out", "runs/x",
                  "teacher.base_url=http://gpu:9000/v1", "counts.rubrics_per_image=4", "filters.max_length_ratio=2.5",
                  "export=[jsonl, pairwise]"]) == 0
@@ -153,3 +163,52 @@ def test_shipped_coco_recipe_runs_with_its_paths_pointed_at_real_files(tmp_path,
     assert s["counts"]["images"] == 2 and s["counts"]["kept"] == 20  # 2 images x 2 rubrics x 1 x 5
     fc = [json.loads(line) for line in (tmp_path / "run" / "export" / "feedback_collection.jsonl").read_text().splitlines()]
     assert len(fc) == 20 and any("An astronaut with a helmet." in r["instruction"] for r in fc)
+
+
+def test_dry_run_fails_when_the_source_files_do_not_exist(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "coco-small", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "source file(s) not found: source.images=data/coco/val2017" in err and "captions_val2017.json" in err
+    assert str(tmp_path) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("counts.rubrics_per_image=abc", "counts.rubrics_per_image must be int, got 'abc'"),
+    ("teacher.temperature=hot", "teacher.temperature must be float, got 'hot'"),
+    ("filters.check_consistency=maybe", "filters.check_consistency must be bool, got 'maybe'"),
+    ("seeds.categories=7", "seeds.categories must be list or null, got 7"),
+])
+def test_a_value_of_the_wrong_type_is_one_line_naming_field_and_type(tmp_path, monkeypatch, capsys, flag, needle):
+    _coco_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "coco-small", flag, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_that_is_a_file_or_lies_under_one_exits_2_before_any_work(tmp_path, photo_dir, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    recipe = _recipe(tmp_path, photo_dir, "http://127.0.0.1:9/v1")
+    for out, needle in ((f, "is a file, not a folder"), (f / "run", "which is a file")):
+        assert main(["build", str(recipe), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+
+
+def test_recipes_are_listed_with_one_line_each_and_easyvqa_ships(capsys):
+    assert main(["recipes"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.split()[0] in shipped_recipes()}
+    assert set(listed) == set(shipped_recipes()) and "easyvqa" in listed
+    assert all(len(desc) > 20 for desc in listed.values())
+    assert "offline" in listed["easyvqa"].lower()
+
+
+def test_shipped_easyvqa_recipe_builds_offline(tmp_path, capsys):
+    pytest.importorskip("easy_vqa")
+    out = tmp_path / "run"
+    assert main(["build", "easyvqa", "--out", str(out), "--limit", "3", "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["counts"]["images"] == 3 and s["counts"]["kept"] == 15 and s["teacher"] == {}

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig
 from train.data import Example, LoadReport, RowContext, RowError, augment, load_examples, split_heldout
 from train.encode import Encoder, collate
 from train.evaluate import evaluate
-from train.judge_folder import save_judge
+from train.judge_folder import save_judge, write_readme
 from train.model import load_base, prepare_for_training, resolve_base
 
 log = logging.getLogger("vlm_judge.train")
@@ -124,6 +124,41 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return cks[-1] if cks else None
 
 
+def check_inputs(cfg: TrainConfig) -> None:
+    """The mistakes that can be seen without loading anything (data files that are missing or are
+    folders, an output folder that is a file or lies under one, a resume folder that is not there),
+    as one ConfigError, so they cost no model load and leave nothing behind."""
+    problems = []
+    for name in ("train_data", "eval_data"):
+        for f in getattr(cfg, name):
+            p = Path(f)
+            if not p.exists():
+                problems.append(f"{name}: no such file {f}")
+            elif not p.is_file():
+                problems.append(f"{name}: {f} is a folder, not a data file")
+    if not cfg.train_data:
+        problems.append("train_data: required (JSON/JSONL/parquet files)")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(f"output_dir: {out} is a file, not a folder")
+    else:
+        parent = next((q for q in out.parents if q.exists()), None)
+        if parent is not None and not parent.is_dir():
+            problems.append(f"output_dir: {out} lies under {parent}, which is a file")
+    if cfg.resume and cfg.resume != "latest" and not Path(cfg.resume).is_dir():
+        problems.append(f"resume: no checkpoint folder {cfg.resume}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _progress(step: int, total: int, rows_per_step: int, seconds: float, steps_done: int) -> str:
+    """'rows 40/80 (2.1 rows/s, ETA 0:00:19)': this run's rate, so a resumed run's ETA is its own."""
+    rate = steps_done / seconds if seconds > 0 else 0.0
+    eta = (total - step) / rate if rate > 0 else float("nan")
+    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+    return f"rows {step * rows_per_step}/{total * rows_per_step} ({rate * rows_per_step:.1f} rows/s, ETA {eta_s})"
+
+
 def setup_logging() -> None:
     if not log.handlers:
         h = logging.StreamHandler(sys.stderr)
@@ -139,6 +174,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from accelerate.utils import DistributedType, set_seed
 
     setup_logging()
+    check_inputs(cfg)
     out = Path(cfg.output_dir)
     cuda = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
@@ -161,18 +197,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
     info = log.info if acc.is_main_process else log.debug
 
-    # ---- model ------------------------------------------------------------------------------
-    with acc.main_process_first():  # a tiny base is built once, by the main process
-        base = resolve_base(cfg.base_model, out / "_tiny_base")
-    model, proc = load_base(base, cfg.kind, dtype=torch.bfloat16 if bf16 else torch.float32,
-                            chat_template=cfg.chat_template)
-    encoder = Encoder(proc, cfg.kind, cfg.template, max_length=cfg.max_length,
-                      image_token_id=getattr(model.config, "image_token_id", None))
-
-    # ---- data -------------------------------------------------------------------------------
+    # ---- data (rows first: a data mistake costs no model load) -------------------------------
     ctx = RowContext(mode=cfg.mode, image_root=cfg.image_root, image_rewrites=cfg.image_rewrites,
                      allowed_image_dirs=cfg.allowed_image_dirs, kind=cfg.kind)
     examples, report = load_examples(cfg.train_data, ctx, cfg.on_bad_row, cfg.max_rows)
+    if not examples:
+        raise RowError(f"no usable training examples ({report.summary()})")
     heldout: list[Example] = []
     if cfg.eval_data:
         heldout, _ = load_examples(cfg.eval_data, ctx, cfg.on_bad_row, report=LoadReport())
@@ -180,6 +210,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         examples, heldout = split_heldout(examples, cfg.eval_fraction, cfg.seed)
     heldout = heldout[: cfg.eval_max_rows]
     examples = augment(examples, cfg.swap_augment, cfg.reference_dropout, cfg.seed)
+
+    # ---- model ------------------------------------------------------------------------------
+    with acc.main_process_first():  # a tiny base is built once, by the main process
+        base = resolve_base(cfg.base_model, out / "_tiny_base")
+    model, proc = load_base(base, cfg.kind, dtype=torch.bfloat16 if bf16 else torch.float32,
+                            chat_template=cfg.chat_template)
+    encoder = Encoder(proc, cfg.kind, cfg.template, max_length=cfg.max_length,
+                      image_token_id=getattr(model.config, "image_token_id", None))
     examples = _validate(examples, encoder, cfg, report)
     report.examples = len(examples)
     info("data: %s", report.summary())
@@ -244,6 +282,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     model.train()
     t0 = time.perf_counter()
+    first_step = step
+    rows_per_step = cfg.per_device_batch_size * cfg.grad_accum * acc.num_processes
     window: list[float] = []
     float_dtype = torch.bfloat16 if bf16 else torch.float32
     while step < total:
@@ -270,7 +310,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             res.losses.append(sum(window) / len(window))
             window = []
             if step % cfg.log_every == 0 or step == total:
-                info("step %d/%d loss %.4f lr %.2e", step, total, res.losses[-1], sched.get_last_lr()[0])
+                info("step %d/%d loss %.4f lr %.2e %s", step, total, res.losses[-1], sched.get_last_lr()[0],
+                     _progress(step, total, rows_per_step, time.perf_counter() - t0, step - first_step))
                 if trackers:
                     acc.log({"train/loss": res.losses[-1], "train/lr": sched.get_last_lr()[0]}, step=step)
             if cfg.eval_every and step % cfg.eval_every == 0:
@@ -289,16 +330,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     unwrapped = acc.unwrap_model(model)
     state_dict = acc.get_state_dict(model) if sharded else None
     if acc.is_main_process:
-        save_judge(unwrapped, proc, out, cfg, base_model=str(Path(base).resolve()) if Path(base).exists() else base,
+        save_judge(unwrapped, proc, out, cfg, base_model=_card_base(base),
                    merge_adapter=cfg.merge_adapter_on_save, state_dict=state_dict, steps=step)
         (out / "train_log.json").write_text(json.dumps(
             {"steps": step, "losses": res.losses, "evals": res.evals, "data": report.summary(),
              "skipped": dict(report.skipped)}, indent=1))
+        write_readme(out, cfg, base_model=_card_base(base), steps=step, evals=res.evals,
+                     data_summary=report.summary(), skipped=dict(report.skipped))
         info("judge written to %s (%s)", out, report.summary())
     if trackers:
         acc.end_training()
     res.model, res.processor = unwrapped, proc
     return res
+
+
+def _card_base(base: str) -> str:
+    return str(Path(base).resolve()) if Path(base).exists() else base
 
 
 def _checkpoint(acc: Any, model: Any, opt: Any, sched: Any, out: Path, step: int, micro_done: int, keep: int) -> None:

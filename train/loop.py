@@ -28,6 +28,7 @@ from train.encode import Encoder, collate
 from train.evaluate import evaluate
 from train.judge_folder import save_judge, write_readme
 from train.model import load_base, prepare_for_training, resolve_base
+from vlm_judge.redact import redact_urls
 
 log = logging.getLogger("vlm_judge.train")
 
@@ -332,9 +333,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if acc.is_main_process:
         save_judge(unwrapped, proc, out, cfg, base_model=_card_base(base),
                    merge_adapter=cfg.merge_adapter_on_save, state_dict=state_dict, steps=step)
-        (out / "train_log.json").write_text(json.dumps(
+        (out / "train_log.json").write_text(json.dumps(redact_urls(
             {"steps": step, "losses": res.losses, "evals": res.evals, "data": report.summary(),
-             "skipped": dict(report.skipped)}, indent=1))
+             "skipped": dict(report.skipped)}), indent=1))
         write_readme(out, cfg, base_model=_card_base(base), steps=step, evals=res.evals,
                      data_summary=report.summary(), skipped=dict(report.skipped))
         info("judge written to %s (%s)", out, report.summary())

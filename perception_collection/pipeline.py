@@ -78,6 +78,7 @@ class BuildSummary:
         else:
             lines += ["", f"teacher: {t.get('calls', 0)} calls, {t.get('cache_hits', 0)} cache hits, "
                           f"{t.get('errors', 0)} failed calls, {t.get('parse_failures', 0)} unparseable outputs, "
+                          f"{t.get('oversize', 0)} oversize outputs refused, "
                           f"{t.get('prompt_tokens', 0)} prompt + {t.get('completion_tokens', 0)} completion tokens"]
         for fmt, path in self.exports.items():
             lines.append(f"export {fmt}: {path}")

@@ -169,3 +169,10 @@ def test_cache_file_holds_no_credentials(image, tmp_path):
     assert "pw" not in json.dumps(t.identity) and "k=s" not in json.dumps(t.identity)
     t.close()
     assert not Path(tmp_path / "teacher_cache.jsonl").exists() or "pw" not in (tmp_path / "teacher_cache.jsonl").read_text()
+
+
+def test_summary_table_reports_refused_oversize_outputs():
+    from perception_collection.pipeline import BuildSummary
+
+    table = BuildSummary(run_dir="r", teacher={"calls": 3, "oversize": 2}).format_table()
+    assert "2 oversize outputs refused" in table

@@ -117,3 +117,12 @@ def test_judge_folder_readme_is_a_model_card_and_training_shows_progress(tmp_pat
     table = card.split("## In-training evaluation")[1]
     assert "| step | " in table and "parse_rate" in table and "\n| 2 | " in table
     assert f"vlm-judge score answers.jsonl --judge {out}" in card and "Judge.load(" in card
+
+
+def test_check_prints_the_recipe_and_notes_what_a_run_would_stop_on(capsys):
+    from vlm_judge.cli import main as vlm_judge
+
+    assert vlm_judge(["train", "tiny-debug", "--train_data", "missing.jsonl", "--check"]) == 0
+    captured = capsys.readouterr()
+    assert "base_model: tiny:llava" in captured.out
+    assert "a run would stop here: train_data: no such file missing.jsonl" in captured.err

@@ -120,17 +120,26 @@ def main(argv: list[str] | None = None) -> int:
             print(full_usage())
             return 0
         cfg = TrainConfig.load(resolve_recipe(recipe) if recipe is not None else None, overrides)
-        from train.loop import check_inputs
-
-        check_inputs(cfg)  # missing data files and the like: said before any model loads
     except ConfigError as e:
         print(f"vlm-judge train: bad recipe: {e}", file=sys.stderr)
         return 2
+    from train.loop import check_inputs
+
+    try:
+        check_inputs(cfg)  # missing data files and the like: said before any model loads
+        problem = None
+    except ConfigError as e:
+        problem = str(e)
     if "check" in switches:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        if problem:  # --check validates the recipe; the files it names may be made later (a template recipe)
+            print(f"vlm-judge train: note: a run would stop here: {problem}", file=sys.stderr)
         return 0
+    if problem:
+        print(f"vlm-judge train: {problem}", file=sys.stderr)
+        return 2
     from train.checkpoint import CheckpointError
     from train.data import RowError
     from train.loop import train

@@ -157,6 +157,15 @@ def missing_source_files(cfg: BuildConfig) -> list[str]:
             if getattr(src, name) and not os.path.exists(getattr(src, name))]
 
 
+def teacher_problem(cfg: BuildConfig) -> str | None:
+    """A local teacher model given as a path that does not exist (a hub name has no leading / . ~)."""
+    t = cfg.teacher
+    if t.kind == "hf" and t.model and t.model.startswith(("/", "./", "../", "~")) \
+            and not os.path.exists(os.path.expanduser(t.model)):
+        return f"teacher.model={t.model}: no such model folder"
+    return None
+
+
 def out_problem(out: str) -> str | None:
     """Why the run folder cannot be made, or None: it is a file, or lies under one."""
     p = Path(out)
@@ -225,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(resolved_recipe_yaml(cfg), end="")
     missing = missing_source_files(cfg)
-    bad_out = out_problem(cfg.out)
-    if missing or bad_out:
-        where = f" (relative paths are taken from {os.getcwd()})" if missing else ""
-        what = [f"source file(s) not found: {', '.join(missing)}{where}"] if missing else []
-        print(f"vlm-judge data build: {'; '.join(what + ([bad_out] if bad_out else []))}", file=sys.stderr)
+    where = f" (relative paths are taken from {os.getcwd()})" if missing else ""
+    problems = [f"source file(s) not found: {', '.join(missing)}{where}"] if missing else []
+    problems += [p for p in (teacher_problem(cfg), out_problem(cfg.out)) if p]
+    if problems:
+        print(f"vlm-judge data build: {'; '.join(problems)}", file=sys.stderr)
         return EXIT_USAGE
     if args.dry_run:
         return EXIT_OK
@@ -247,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except ImportError as e:
         print(f"vlm-judge data build: missing dependency: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:  # e.g. a teacher model transformers cannot find or read
+        print(f"vlm-judge data build: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"\nvlm-judge data build: interrupted; run the same command again to resume in {cfg.out}",

@@ -212,3 +212,14 @@ def test_shipped_easyvqa_recipe_builds_offline(tmp_path, capsys):
     assert main(["build", "easyvqa", "--out", str(out), "--limit", "3", "--no-progress"]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["counts"]["images"] == 3 and s["counts"]["kept"] == 15 and s["teacher"] == {}
+
+
+def test_a_local_teacher_model_path_that_does_not_exist_is_one_line_at_once(tmp_path, photo_dir, capsys):
+    import time
+
+    t0 = time.perf_counter()
+    assert main(["build", "folder-openai", f"source.path={photo_dir}", "teacher.kind=hf",
+                 f"teacher.model={tmp_path}/no-model", "--out", str(tmp_path / "run")]) == 2
+    assert time.perf_counter() - t0 < 2.0
+    err = capsys.readouterr().err
+    assert "teacher.model=" in err and "no such model folder" in err and len(err.strip().splitlines()) == 1

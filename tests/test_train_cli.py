@@ -81,6 +81,7 @@ def test_help_lists_the_recipe_fields_with_defaults_and_docs(capsys):
     (["--output_dir", "{file}/judge"], "which is a file"),
     (["--resume", "{folder}/no-checkpoint"], "resume: no checkpoint folder"),
     (["--lr", "fast"], "lr: expected float"),
+    (["--base_model", "{folder}/no-model"], "base_model: no such model folder"),
 ])
 def test_wrong_path_or_type_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, flags, needle):
     import time

@@ -146,6 +146,9 @@ def check_inputs(cfg: TrainConfig) -> None:
         parent = next((q for q in out.parents if q.exists()), None)
         if parent is not None and not parent.is_dir():
             problems.append(f"output_dir: {out} lies under {parent}, which is a file")
+    b = cfg.base_model
+    if b.startswith(("/", "./", "../", "~")) and not Path(b).expanduser().exists():
+        problems.append(f"base_model: no such model folder {b}")
     if cfg.resume and cfg.resume != "latest" and not Path(cfg.resume).is_dir():
         problems.append(f"resume: no checkpoint folder {cfg.resume}")
     if problems:

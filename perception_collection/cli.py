@@ -82,8 +82,8 @@ def _accepts(t: Any, v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
     if t is str:
         return isinstance(v, str)
-    if t is list or origin is list:
-        return isinstance(v, list)
+    if t is list or origin is list:  # a single string may stand for a one-item list (export: jsonl)
+        return isinstance(v, (list, str))
     if t is dict or origin is dict or dataclasses.is_dataclass(t):
         return isinstance(v, dict)
     return True

@@ -178,6 +178,7 @@ def test_dry_run_fails_when_the_source_files_do_not_exist(tmp_path, monkeypatch,
     ("teacher.temperature=hot", "teacher.temperature must be float, got 'hot'"),
     ("filters.check_consistency=maybe", "filters.check_consistency must be bool, got 'maybe'"),
     ("seeds.categories=7", "seeds.categories must be list or null, got 7"),
+    ("export={a: 1}", "export must be list, got {'a': 1}"),
 ])
 def test_a_value_of_the_wrong_type_is_one_line_naming_field_and_type(tmp_path, monkeypatch, capsys, flag, needle):
     _coco_files(tmp_path)
@@ -223,3 +224,10 @@ def test_a_local_teacher_model_path_that_does_not_exist_is_one_line_at_once(tmp_
     assert time.perf_counter() - t0 < 2.0
     err = capsys.readouterr().err
     assert "teacher.model=" in err and "no such model folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_single_export_format_may_be_given_as_a_string(tmp_path, monkeypatch, capsys):
+    _coco_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "coco-small", "export=jsonl", "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["export"] == ["jsonl"]

@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RowError, CheckpointError, ConfigError) as e:
         print(f"vlm-judge train: {e}", file=sys.stderr)
         return 1
+    except ImportError as e:
+        print(f"vlm-judge train: missing dependency: {e} (pip install 'vlm-judge[train]')", file=sys.stderr)
+        return 1
     except OSError as e:  # e.g. a base model transformers cannot find or read
         print(f"vlm-judge train: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return 1

@@ -17,7 +17,6 @@ import platform
 import re
 import statistics
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from perception_collection.config import BuildConfig
 from perception_collection.rows import SCORES, Drop, Example, Teacher
 from perception_collection.sources import load_source
 from perception_collection.store import JsonlWriter, read_jsonl, run_lock
+from vlm_judge.redact import redact_text, redact_urls
 
 
 @dataclass
@@ -78,26 +78,44 @@ class BuildSummary:
         else:
             lines += ["", f"teacher: {t.get('calls', 0)} calls, {t.get('cache_hits', 0)} cache hits, "
                           f"{t.get('errors', 0)} failed calls, {t.get('parse_failures', 0)} unparseable outputs, "
+                          f"{t.get('oversize', 0)} oversize outputs refused, "
                           f"{t.get('prompt_tokens', 0)} prompt + {t.get('completion_tokens', 0)} completion tokens"]
         for fmt, path in self.exports.items():
             lines.append(f"export {fmt}: {path}")
         return "\n".join(lines)
 
 
-def _reason_head(reason: str) -> str:
+_MEASURE = re.compile(r"\d+\.\d+")
+_SLOT = "\x00"
+
+
+def _reason_head(reason: str) -> tuple[str, list[float]]:
     """Group drop reasons that differ only in details (paths, request numbers, URLs, measured
-    ratios, quoted text) for the table; drops.jsonl keeps every reason in full."""
+    ratios, quoted text) for the table: (the reason with a slot per measured number, the numbers).
+    drops.jsonl keeps every reason in full."""
     r = re.sub(r"\s*\((?:request \d+|https?://[^)]*)\)", "", reason)
     r = re.sub(r"(?<=[\s'\"])/[^\s'\"]+?(?=[:'\"\s]|$)", "<path>", r)
-    r = re.sub(r"\d+\.\d+", "#", r)
-    return r.split(": '")[0].split(' "')[0][:120]
+    r = r.split(": '")[0].split(' "')[0][:120]
+    return _MEASURE.sub(_SLOT, r), [float(x) for x in _MEASURE.findall(r)]
+
+
+def _fill_slots(head: str, values: list[list[float]]) -> str:
+    """Each measured number of a grouped reason as the range seen ("covers 0.081-0.117 of the image")."""
+    parts = head.split(_SLOT)
+    out = parts[0]
+    for i, rest in enumerate(parts[1:]):
+        seen = [v[i] for v in values if i < len(v)]
+        lo, hi = min(seen), max(seen)
+        out += (f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}") + rest
+    return out
 
 
 def _drop_table(drops: list[Drop]) -> dict[str, dict[str, int]]:
-    table: dict[str, Counter] = {}
+    table: dict[str, dict[str, list[list[float]]]] = {}
     for d in drops:
-        table.setdefault(d.stage, Counter())[_reason_head(d.reason)] += 1
-    return {k: dict(v) for k, v in table.items()}
+        head, values = _reason_head(redact_text(d.reason))
+        table.setdefault(d.stage, {}).setdefault(head, []).append(values)
+    return {stage: {_fill_slots(h, vs): len(vs) for h, vs in heads.items()} for stage, heads in table.items()}
 
 
 def _export_skips(info_path: Path) -> list[Drop]:
@@ -111,14 +129,23 @@ def _export_skips(info_path: Path) -> list[Drop]:
             for fmt, rows in skipped.items() if isinstance(rows, dict) for row_id, reason in rows.items()]
 
 
+def resolved_recipe_yaml(cfg: BuildConfig) -> str:
+    """The resolved recipe as written into the run folder: URLs keep scheme://host:port/path only
+    (credentials in a base_url, or a key in its query, must not land in an output)."""
+    import yaml
+
+    return yaml.safe_dump(redact_urls(cfg.to_dict()), sort_keys=False)
+
+
 def _write_run_info(cfg: BuildConfig, run_dir: Path) -> None:
     from vlm_judge import __version__
 
+    text = resolved_recipe_yaml(cfg)
     old = run_dir / "recipe.yaml"
-    if old.is_file() and old.read_text() != cfg.to_yaml():
+    if old.is_file() and old.read_text() != text:
         # a changed recipe is allowed (e.g. more images); keep the old one for the record
         old.replace(run_dir / f"recipe.{int(time.time())}.yaml")
-    (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
+    (run_dir / "recipe.yaml").write_text(text)
     (run_dir / "version.json").write_text(json.dumps(
         {"vlm_judge": __version__, "python": platform.python_version()}, indent=2) + "\n")
 
@@ -218,7 +245,7 @@ def _build(cfg: BuildConfig, run_dir: Path, progress: bool, teacher: Teacher | N
 
     with JsonlWriter(run_dir / "drops.jsonl", truncate=True) as f:
         for d in all_drops:
-            f.write(d.to_dict())
+            f.write(redact_urls(d.to_dict()))
     (run_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     if progress:
         print(summary.format_table(), flush=True)

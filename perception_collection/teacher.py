@@ -6,8 +6,17 @@ transformers model via `hf`). Each call asks for one JSON object; the parser tol
 and prose around it, checks every field, and raises `TeacherError` with the reason.
 
 Every successful generation is appended to a JSONL cache keyed by a hash of (model, prompt, image
-contents, sampling parameters), so a resumed or repeated run makes no call it has made before.
-Errors are not cached: a re-run retries them.
+contents, every sampling parameter, and the backend's identity: endpoints and extra request fields),
+so a resumed or repeated run makes no call it has made before, and another server or another
+`top_k` asks again. Errors are not cached: a re-run retries them.
+
+What the teacher writes goes into training prompts, so it is checked before it is used: an output
+over `max_tokens` or the character cap is refused (a server that ignores the limit), a text that
+carries the judge prompt's section markers is refused (it would forge sections of the prompt the
+judge is trained on), and feedback whose trailing verdict contradicts the score it was written for
+is refused (stripping that verdict would hide the contradiction from the consistency filter). Each
+refusal is a TeacherError with the reason, so the stage retries with another sample and, failing
+that, records a drop.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import os
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +36,22 @@ from perception_collection.rows import SCORES, SeedRubric, SourceImage, Teacher,
 from perception_collection.store import JsonlWriter, read_jsonl
 from vlm_judge.backends import Backend, GenerationParams, Prompt, get_backend
 from vlm_judge.records import ImageRef, RecordError, Rubric
+from vlm_judge.redact import redact_text, redact_url
 
-_VERDICT_TAIL = re.compile(r"(\s*(So the overall score is|Overall score:|Score:)\s*\d\s*\.?\s*)?(\[RESULT\]\s*\d\s*)?$",
+_VERDICT_TAIL = re.compile(r"(\s*(So the overall score is|Overall score:|Score:)\s*(\d)\s*\.?\s*)?(\[RESULT\]\s*(\d)\s*)?$",
                            re.I)
+
+# The section headers of the Prometheus-family judge prompt (vlm_judge.prompts) and its verdict
+# marker. Matched as headers ("###" then a section name), so ordinary markdown ("### Step one") passes.
+_PROMPT_MARKER = re.compile(
+    r"#{2,}\s*(?:Task Description|The instruction to evaluate|Instruction|Responses? to evaluate|Response [AB]\b|"
+    r"Response\s*:|Reference Answer|Score Rubrics?|Rubric|Feedback)|\[RESULT\]|\[END\]",
+    re.I,
+)
+
+CHARS_PER_TOKEN_CAP = 16
+"""Default character cap of one teacher output: this many characters per allowed completion token
+(real text averages about 4; a server that ignores max_tokens goes far beyond)."""
 
 
 # ---- JSON extraction -------------------------------------------------------------------------
@@ -66,11 +88,25 @@ def _field(obj: Any, key: str, where: str) -> Any:
     return obj[key]
 
 
-def _text(obj: Any, key: str, where: str) -> str:
+def prompt_marker(text: str) -> str | None:
+    """The first judge-prompt section marker in `text` ("###Score Rubrics", "[RESULT]", ...), or None."""
+    m = _PROMPT_MARKER.search(text)
+    return m.group(0) if m else None
+
+
+def _no_markers(text: str, key: str, where: str) -> str:
+    m = prompt_marker(text)
+    if m is not None:
+        raise TeacherError(f"{where}: {key!r} carries the judge prompt's section marker {m!r} "
+                           "(it would forge a section of the training prompt)")
+    return text
+
+
+def _text(obj: Any, key: str, where: str, check_markers: bool = True) -> str:
     v = _field(obj, key, where)
     if not isinstance(v, str) or not v.strip():
         raise TeacherError(f"{where}: {key!r} must be a non-empty string")
-    return v.strip()
+    return _no_markers(v.strip(), key, where) if check_markers else v.strip()
 
 
 def _items(obj: Any, key: str, where: str) -> list[Any]:
@@ -94,6 +130,13 @@ def rubric_from_json(obj: Any, where: str) -> Rubric:
 def strip_verdict(feedback: str) -> str:
     """Feedback without a trailing verdict sentence (the exporter adds the verdict in one form)."""
     return _VERDICT_TAIL.sub("", feedback.strip()).strip()
+
+
+def trailing_verdicts(feedback: str) -> list[int]:
+    """The scores stated by the trailing verdict that `strip_verdict` removes ([] when none):
+    one per form present ("So the overall score is N", "[RESULT] N")."""
+    m = _VERDICT_TAIL.search(feedback.strip())
+    return [int(g) for g in (m.group(3), m.group(5)) if g] if m else []
 
 
 # ---- cache -----------------------------------------------------------------------------------
@@ -154,15 +197,33 @@ def image_digest(path: str) -> str:
     return d
 
 
-def request_key(model: str, prompt: Prompt, params: GenerationParams) -> str:
-    """Hash of everything that decides the teacher's output."""
+def request_key(model: str, prompt: Prompt, params: GenerationParams, identity: dict[str, Any] | None = None) -> str:
+    """Hash of everything that decides the teacher's output: the model, the prompt and its image
+    bytes, every sampling field (the seed only when sampling), and `identity`, what else decides the
+    answer about the backend (its endpoints, extra request fields such as top_k or response_format)."""
     imgs = [image_digest(im.path) if im.path else hashlib.sha1(im.data or b"").hexdigest() for im in prompt.images]
+    sampling = asdict(params)  # every field, so a new sampling field can never be left out
+    if params.temperature <= 0:
+        sampling["seed"] = None  # greedy decoding does not depend on the seed
     blob = json.dumps({
         "model": model, "system": prompt.system, "user": prompt.user, "prefix": prompt.assistant_prefix,
-        "images": imgs, "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-        "top_p": params.top_p, "seed": params.seed if params.temperature > 0 else None, "stop": list(params.stop),
-    }, sort_keys=True)
+        "images": imgs, "params": sampling, "backend": identity or {},
+    }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def backend_identity(backend: Any, backend_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What about a backend decides its answers besides the model name: the endpoints it sends to
+    (credentials, query and fragment left out: they do not change the answer and must not be
+    stored), its extra request fields, and the options it was built with."""
+    endpoints = sorted(redact_url(getattr(e, "url", str(e))) for e in getattr(backend, "endpoints", ()) or ())
+    ident: dict[str, Any] = {"endpoints": endpoints}
+    extra = getattr(backend, "extra_body", None)
+    if extra:
+        ident["extra_body"] = extra
+    if backend_args:
+        ident["backend_args"] = {k: v for k, v in backend_args.items() if k not in ("api_key", "extra_body")}
+    return ident
 
 
 # ---- the teacher -----------------------------------------------------------------------------
@@ -177,6 +238,8 @@ class TeacherStats:
     errors: int = 0
     """Backend calls that returned an error (after the backend's own retries)."""
     parse_failures: int = 0
+    oversize: int = 0
+    """Outputs refused for going over max_tokens or the character cap (not cached)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -195,10 +258,15 @@ class LLMTeacher:
         cache: TeacherCache | None = None,
         parse_retries: int = 1,
         thread_safe: bool = True,
+        identity: dict[str, Any] | None = None,
+        max_chars: int | None = None,
     ) -> None:
         self.backend = backend
         self.name = getattr(backend, "name", "teacher")
         self.params = params or GenerationParams(max_new_tokens=2048, temperature=0.7, seed=0)
+        self.identity = identity if identity is not None else backend_identity(backend)
+        """Part of every cache key (see `request_key`)."""
+        self.max_chars = max_chars or CHARS_PER_TOKEN_CAP * self.params.max_new_tokens
         self.cache = cache if cache is not None else TeacherCache(None)  # (an empty cache is falsy)
         self.parse_retries = parse_retries
         self.stats = TeacherStats()
@@ -218,7 +286,7 @@ class LLMTeacher:
         params = replace(self.params, seed=(self.params.seed or 0) + attempt)
         if attempt and params.temperature == 0:
             params = replace(params, temperature=0.3)  # greedy decoding would repeat itself: a retry samples a little
-        key = request_key(self.name, prompt, params)
+        key = request_key(self.name, prompt, params, self.identity)
         hit = self.cache.get(key)
         if hit is not None:
             self._count(cache_hits=1)
@@ -231,7 +299,14 @@ class LLMTeacher:
         self._count(calls=1, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
         if gen.error is not None or gen.text is None:
             self._count(errors=1)
-            raise TeacherError(f"teacher call failed: {gen.error or 'no text'}")
+            # the reason goes into drop files: a URL in it keeps no credentials
+            raise TeacherError(f"teacher call failed: {redact_text(gen.error or 'no text')}")
+        if gen.completion_tokens > params.max_new_tokens or len(gen.text) > self.max_chars:
+            self._count(oversize=1)
+            what = (f"{gen.completion_tokens} completion tokens, over max_tokens {params.max_new_tokens}"
+                    if gen.completion_tokens > params.max_new_tokens
+                    else f"{len(gen.text)} characters, over the cap of {self.max_chars}")
+            raise TeacherError(f"teacher output refused: {what}")
         self.cache.put(key, {"text": gen.text, "prompt_tokens": gen.prompt_tokens,
                              "completion_tokens": gen.completion_tokens})
         return gen.text
@@ -314,7 +389,12 @@ class LLMTeacher:
                 except (TypeError, ValueError) as e:
                     raise TeacherError(f"{where}: score is not a number") from e
                 if s in wanted and s not in out:
-                    feedback = strip_verdict(_text(it, "feedback", where))
+                    raw = _text(it, "feedback", where, check_markers=False)
+                    wrong = [v for v in trailing_verdicts(raw) if v != s]
+                    if wrong:
+                        raise TeacherError(f"{where}: feedback for score {s} ends with the verdict {wrong[0]} "
+                                           f"({raw[-60:]!r})")
+                    feedback = _no_markers(strip_verdict(raw), "feedback", where)
                     if not feedback:
                         raise TeacherError(f"{where}: feedback is only a verdict")
                     out[s] = (_text(it, "response", where), feedback)
@@ -357,8 +437,10 @@ def make_teacher(cfg: Any, run_dir: str | Path | None = None) -> Teacher:
         backend = get_backend("openai", model=t.model, base_url=t.base_url, base_urls=t.base_urls,
                               api_key=api_key if api_key is not None else "EMPTY", concurrency=t.concurrency,
                               timeout=t.timeout, max_retries=t.max_retries, **t.backend_args)
-        return LLMTeacher(backend, params, cache, t.parse_retries, thread_safe=True)
+        return LLMTeacher(backend, params, cache, t.parse_retries, thread_safe=True,
+                          identity=backend_identity(backend, t.backend_args))
     if t.kind == "hf":
         backend = get_backend("hf", model=t.model, **t.backend_args)
-        return LLMTeacher(backend, params, cache, t.parse_retries, thread_safe=False)
+        return LLMTeacher(backend, params, cache, t.parse_retries, thread_safe=False,
+                          identity=backend_identity(backend, t.backend_args))
     raise ValueError(f"unknown teacher kind {t.kind!r}")

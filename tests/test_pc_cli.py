@@ -26,8 +26,24 @@ def test_every_shipped_recipe_loads_validates_and_round_trips():
         assert BuildConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg  # the saved form reloads
 
 
-def test_dry_run_prints_the_resolved_recipe_with_overrides(capsys):
-    assert main(["build", "coco-small", "--dry-run", "--limit", "3", "--out", "runs/x",
+def _coco_files(root: Path) -> Path:
+    """The files the shipped coco-small recipe names, and a copy of the recipe beside them (a
+    recipe's relative paths are relative to the recipe file)."""
+    import shutil
+
+    from perception_collection.cli import RECIPES_DIR
+
+    (root / "data/coco/val2017").mkdir(parents=True)
+    for name in ("captions_val2017.json", "instances_val2017.json"):
+        (root / "data/coco/annotations" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "data/coco/annotations" / name).write_text("{}")
+    return Path(shutil.copy(RECIPES_DIR / "coco-small.yaml", root / "coco-small.yaml"))
+
+
+def test_dry_run_prints_the_resolved_recipe_with_overrides(capsys, tmp_path, monkeypatch):
+    recipe = _coco_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", str(recipe), "--dry-run", "--limit", "3", "--out", "runs/x",
                  "teacher.base_url=http://gpu:9000/v1", "counts.rubrics_per_image=4", "filters.max_length_ratio=2.5",
                  "export=[jsonl, pairwise]"]) == 0
     d = yaml.safe_load(capsys.readouterr().out)
@@ -170,12 +186,16 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path, photo_dir, capsy
         assert main(["build", str(recipe), "--out", str(tmp_path / "run"), "--limit", "1", "--no-progress"]) == 0
         assert json.loads((tmp_path / "run" / "summary.json").read_text())["counts"]["kept"] == 10
         capsys.readouterr()
+        (elsewhere / "mine").mkdir()
         assert main(["build", str(recipe), "--dry-run", "source.path=mine"]) == 0
         assert yaml.safe_load(capsys.readouterr().out)["source"]["path"] == "mine"
 
 
-def test_teacher_backend_args_take_key_value_text(capsys):
-    assert main(["build", "folder-openai", "--dry-run", "teacher.backend_args=prefix_mode=message,backoff=0.1"]) == 0
+def test_teacher_backend_args_take_key_value_text(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    assert main(["build", "folder-openai", "--dry-run", "source.path=photos",
+                 "teacher.backend_args=prefix_mode=message,backoff=0.1"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["teacher"]["backend_args"] == {"prefix_mode": "message", "backoff": 0.1}
     assert main(["build", "folder-openai", "--dry-run", "teacher.backend_args=oops"]) == 2
     assert "teacher.backend_args expects KEY=VALUE" in capsys.readouterr().err
@@ -186,3 +206,71 @@ def test_one_config_error_for_every_recipe():
     from vlm_judge.options import ConfigError as CoreConfigError
 
     assert ConfigError is CoreConfigError and TrainConfigError is CoreConfigError
+
+
+def test_dry_run_fails_when_the_source_files_do_not_exist(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "coco-small", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "source file(s) not found: source.images=" in err and "data/coco/val2017" in err
+    assert "captions_val2017.json" in err and "source.FIELD=PATH" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("counts.rubrics_per_image=abc", "counts.rubrics_per_image must be int, got 'abc'"),
+    ("teacher.temperature=hot", "teacher.temperature must be float, got 'hot'"),
+    ("filters.check_consistency=maybe", "filters.check_consistency must be bool, got 'maybe'"),
+    ("seeds.categories=7", "seeds.categories must be list or null, got 7"),
+    ("export={a: 1}", "export must be list, got {'a': 1}"),
+])
+def test_a_value_of_the_wrong_type_is_one_line_naming_field_and_type(tmp_path, monkeypatch, capsys, flag, needle):
+    _coco_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "coco-small", flag, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_that_is_a_file_or_lies_under_one_exits_2_before_any_work(tmp_path, photo_dir, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    recipe = _recipe(tmp_path, photo_dir, "http://127.0.0.1:9/v1")
+    for out, needle in ((f, "is a file, not a folder"), (f / "run", "which is a file")):
+        assert main(["build", str(recipe), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+
+
+def test_recipes_are_listed_with_one_line_each_and_easyvqa_ships(capsys):
+    assert main(["recipes"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.split()[0] in shipped_recipes()}
+    assert set(listed) == set(shipped_recipes()) and "easyvqa" in listed
+    assert all(len(desc) > 20 for desc in listed.values())
+    assert "offline" in listed["easyvqa"].lower()
+
+
+def test_shipped_easyvqa_recipe_builds_offline(tmp_path, capsys):
+    pytest.importorskip("easy_vqa")
+    out = tmp_path / "run"
+    assert main(["build", "easyvqa", "--out", str(out), "--limit", "3", "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["counts"]["images"] == 3 and s["counts"]["kept"] == 15 and s["teacher"] == {}
+
+
+def test_a_local_teacher_model_path_that_does_not_exist_is_one_line_at_once(tmp_path, photo_dir, capsys):
+    import time
+
+    t0 = time.perf_counter()
+    assert main(["build", "folder-openai", f"source.path={photo_dir}", "teacher.kind=hf",
+                 f"teacher.model={tmp_path}/no-model", "--out", str(tmp_path / "run")]) == 2
+    assert time.perf_counter() - t0 < 2.0
+    err = capsys.readouterr().err
+    assert "teacher.model=" in err and "no such model folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_single_export_format_may_be_given_as_a_string(tmp_path, monkeypatch, capsys):
+    recipe = _coco_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", str(recipe), "export=jsonl", "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["export"] == ["jsonl"]

@@ -101,7 +101,7 @@ def test_full_build_counts_drops_and_exports(clean_run):
     assert list(drops["source"].values()) == [1] and next(iter(drops["source"])).startswith("cannot decode image <path>")
     assert drops["rubrics"] == {"near-duplicate rubric dropped": 1, "no JSON object in teacher output": 1}
     assert drops["instructions"] == {"teacher call failed: HTTP 500 after 1 retry: teacher replica crashed": 2}
-    assert drops["responses"] == {"length ratio # over 2 after 3 tries (max/min words of the five responses)": 4}
+    assert drops["responses"] == {"length ratio 3.67 over 2 after 3 tries (max/min words of the five responses)": 4}
     # each reason is in the drops file, by id
     rows = {(d["stage"], d["id"]): d["reason"] for d in read_jsonl(out / "drops.jsonl")}
     assert "cannot decode" in rows[("source", "folder-corrupt.jpg")]

@@ -74,3 +74,81 @@ def test_recipe_paths_are_the_recipes_and_flag_paths_the_working_folders(tmp_pat
     assert cfg["eval_data"] == ["rows.jsonl"] and cfg["lora_r"] == 4
     assert main([str(sub / "r.yaml"), "oops"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_shipped_recipe_by_name_and_its_comment_tells_the_truth(capsys):
+    import yaml
+
+    from vlm_judge.cli import main as vlm_judge
+
+    assert vlm_judge(["train", "tiny-debug", "--check"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["base_model"] == "tiny:llava" and resolved["train_data"][0].endswith("debug_data/rows.jsonl")
+    rows = [line for line in Path(resolved["train_data"][0]).read_text().splitlines() if line.strip()]
+    assert f"{len(rows)} real-image rows" in RECIPE.read_text().splitlines()[0]
+    assert vlm_judge(["train", "no-such-recipe", "--check"]) == 2
+    assert "shipped recipes: " in capsys.readouterr().err
+
+
+def test_help_lists_the_recipe_fields_with_defaults_and_docs(capsys):
+    from vlm_judge.cli import main as vlm_judge
+
+    assert vlm_judge(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-debug" in out
+    assert "--lora_r (int; default 16)" in out and "--train_data (list[str]; default [])" in out
+    assert "Steps between resumable checkpoints" in out  # a field's docstring
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--train_data", "missing.jsonl"], "train_data: no such file missing.jsonl"),
+    (["--train_data", "{folder}"], "is a folder, not a data file"),
+    (["--output_dir", "{file}/judge"], "which is a file"),
+    (["--resume", "{folder}/no-checkpoint"], "resume: no checkpoint folder"),
+    (["--lr", "fast"], "lr: expected float"),
+    (["--base_model", "{folder}/no-model"], "base_model: no such model folder"),
+])
+def test_wrong_path_or_type_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, flags, needle):
+    import time
+
+    from vlm_judge.cli import main as vlm_judge
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    flags = [f.format(folder=tmp_path, file=tmp_path / "a_file") for f in flags]
+    t0 = time.perf_counter()
+    assert vlm_judge(["train", "tiny-debug", "--output_dir", str(tmp_path / "out"), *flags]) == 2
+    assert time.perf_counter() - t0 < 2.0
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing left behind (no _tiny_base)
+
+
+def test_judge_folder_readme_is_a_model_card_and_training_shows_progress(tmp_path, caplog):
+    import logging
+
+    from vlm_judge.cli import main as vlm_judge
+
+    out = tmp_path / "judge"
+    with caplog.at_level(logging.INFO, logger="vlm_judge.train"):
+        rc = vlm_judge(["train", "tiny-debug", "--output_dir", str(out), "--max_steps", "2", "--eval_every", "2",
+                        "--save_every", "0", "--eval_max_rows", "2", "--eval_max_new_tokens", "4", "--log_every", "1"])
+    assert rc == 0
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 2/2")]
+    assert progress and "rows 8/8 (" in progress[0] and "rows/s, ETA" in progress[0]
+    card = (out / "README.md").read_text()
+    assert "More Information Needed" not in card  # peft's empty template is gone
+    assert "base_model: " in card and "tiny" in card.split("## Base model")[1].split("##")[0]
+    assert "debug_data/rows.jsonl" in card and "`default`" in card  # data and template
+    table = card.split("## In-training evaluation")[1]
+    assert "| step | " in table and "parse_rate" in table and "\n| 2 | " in table
+    assert f"vlm-judge score answers.jsonl --judge {out}" in card and "Judge.load(" in card
+
+
+def test_check_prints_the_recipe_and_notes_what_a_run_would_stop_on(capsys):
+    from vlm_judge.cli import main as vlm_judge
+
+    assert vlm_judge(["train", "tiny-debug", "--train_data", "missing.jsonl", "--check"]) == 0
+    captured = capsys.readouterr()
+    assert "base_model: tiny:llava" in captured.out
+    assert "a run would stop here: train_data: no such file missing.jsonl" in captured.err

@@ -121,3 +121,43 @@ def test_merge_refuses_judges_of_different_bases(judges, tiny_text_lm_dir, tmp_p
     (other / "vlm_judge.json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match="different base models"):
         merge_judges([judges["absolute"], other], tmp_path / "x")
+
+
+def _card_only_judge(folder, **card):
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "vlm_judge.json").write_text(json.dumps({"backend": "hf", "template": "default", "kind": "vision",
+                                                       "base_model": "b", "adapter": True, **card}))
+    return folder
+
+
+def test_merge_refuses_a_symlink_that_leaves_the_source_folder(tmp_path, capsys):
+    from train.merge import main as merge_main
+
+    secret = tmp_path / "elsewhere" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY")
+    a = _card_only_judge(tmp_path / "a")
+    b = _card_only_judge(tmp_path / "b")
+    (b / "special_tokens_map.json").symlink_to(secret)
+    out = tmp_path / "merged"
+    with pytest.raises(ValueError, match="symlink to .*id_rsa, outside the judge folder"):
+        merge_judges([a, b], out)
+    assert not out.exists()  # refused before anything was written
+    assert merge_main([str(a), str(b), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "outside the judge folder" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_merge_accepts_links_inside_the_folder_and_names_a_missing_judge(tmp_path, capsys):
+    from train.merge import check_no_outside_links
+    from train.merge import main as merge_main
+
+    a = _card_only_judge(tmp_path / "a")
+    (a / "tokenizer.json").write_text("{}")
+    (a / "tok.json").symlink_to(a / "tokenizer.json")
+    check_no_outside_links(a)
+    assert merge_main([str(a), str(tmp_path / "nope"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "nope is not a judge folder" in err and "Traceback" not in err

@@ -8,7 +8,12 @@ N GPUs.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 from train.config import TrainConfig
@@ -17,12 +22,64 @@ from vlm_judge.options import parse_overrides as _parse_overrides
 
 SWITCHES = ("check", "help")
 
-USAGE = """usage: vlm-judge train RECIPE.yaml [--check] [--FIELD VALUE ...]
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+USAGE = """usage: vlm-judge train RECIPE [--check] [--FIELD VALUE ...]
        vlm-judge train merge JUDGE_ABS JUDGE_REL --out DIR [--method linear|ties|dare|dare_ties] [--weights 0.5,0.5]
 
 Fine-tune a vision (LLaVA-family) or text judge on feedback-then-score targets; the output folder
-is a judge folder that `vlm-judge score --judge DIR` loads. Recipes: train/recipes/*.yaml.
-Multi-GPU: accelerate launch --config_file train/recipes/accelerate/ddp.yaml -m vlm_judge.cli train RECIPE.yaml"""
+is a judge folder that `vlm-judge score --judge DIR` loads. RECIPE is a YAML file or the name of a
+shipped recipe ({recipes}). --check prints the resolved recipe and stops.
+Multi-GPU: accelerate launch --config_file train/recipes/accelerate/ddp.yaml -m vlm_judge.cli train RECIPE"""
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> path of the training recipes that ship with the package."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe file, or a shipped recipe's name (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    shipped = shipped_recipes()
+    if len(p.parts) == 1 and stem in shipped:
+        return shipped[stem]
+    raise ConfigError(f"recipe not found: {name_or_path} (shipped recipes: {', '.join(shipped) or 'none'})")
+
+
+def field_docs() -> dict[str, str]:
+    """Each TrainConfig field's docstring (the string under its line in train/config.py)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def fields_help() -> str:
+    """The recipe fields, each with its type, default and docstring (the --help listing)."""
+    docs = field_docs()
+    lines = ["recipe fields (in the YAML, or as --FIELD VALUE; nested lora: {r: 8} is --lora.r 8 or --lora_r 8):"]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        head = f"  --{f.name} ({str(f.type).replace('typing.', '')}; default {default!r})"
+        lines.append(head)
+        if docs.get(f.name):
+            lines += textwrap.wrap(docs[f.name], 100, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def full_usage() -> str:
+    return USAGE.format(recipes=", ".join(shipped_recipes()) or "none") + "\n\n" + fields_help()
 
 
 def parse_overrides(args: list[str]) -> tuple[dict[str, Any], set[str]]:
@@ -34,7 +91,7 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, Any], set[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(full_usage())
         return 0
     if argv[0] == "merge":
         from train.merge import main as merge_main
@@ -44,20 +101,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides, switches = parse_overrides(rest)
         if "help" in switches:
-            print(USAGE)
+            print(full_usage())
             return 0
-        cfg = TrainConfig.load(recipe, overrides)
+        cfg = TrainConfig.load(resolve_recipe(recipe) if recipe is not None else None, overrides)
     except ConfigError as e:
         print(f"vlm-judge train: bad recipe: {e}", file=sys.stderr)
         return 2
+    from train.loop import check_inputs
+
+    try:
+        check_inputs(cfg)  # missing data files and the like: said before any model loads
+        problem = None
+    except ConfigError as e:
+        problem = str(e)
     if "check" in switches:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        if problem:  # --check validates the recipe; the files it names may be made later (a template recipe)
+            print(f"vlm-judge train: note: a run would stop here: {problem}", file=sys.stderr)
         return 0
+    if problem:
+        print(f"vlm-judge train: {problem}", file=sys.stderr)
+        return 2
+    from train.checkpoint import CheckpointError
+    from train.data import RowError
     from train.loop import train
 
-    res = train(cfg)
+    try:
+        res = train(cfg)
+    except (RowError, CheckpointError, ConfigError) as e:
+        print(f"vlm-judge train: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        print(f"vlm-judge train: missing dependency: {e} (pip install 'vlm-judge[train]')", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. a base model transformers cannot find or read
+        print(f"vlm-judge train: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 1
     if res.is_main:
         print(f"judge written to {res.output_dir} after {res.step} steps")
     return 0

@@ -76,3 +76,75 @@ def load_judge(folder: str | Path, dtype: Any = None) -> tuple[Any, Any, dict[st
         proc = AutoTokenizer.from_pretrained(str(folder))
     model.eval()
     return model, proc, card
+
+
+def _metric_table(evals: list[dict[str, float]]) -> list[str]:
+    names = sorted({k for e in evals for k in e if k != "step"})
+    lines = ["| step | " + " | ".join(n.removeprefix("eval/") for n in names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for e in evals:
+        cells = [f"{e[n]:.4g}" if isinstance(e.get(n), float) else str(e.get(n, "")) for n in names]
+        lines.append(f"| {int(e.get('step', 0))} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_readme(out: str | Path, cfg: Any, base_model: str, *, steps: int, evals: list[dict[str, float]],
+                 data_summary: str, skipped: dict[str, int] | None = None) -> Path:
+    """README.md of a judge folder: a model card saying what it is (base, data, template, training),
+    how it did on held-out data during training, and how to score with it. Replaces the empty
+    template peft's save_pretrained leaves there. URLs in it keep no credentials."""
+    from vlm_judge.redact import redact_text
+
+    out = Path(out)
+    kind = "vision (image + text)" if cfg.kind == "vision" else "text-only"
+    tuned = (f"LoRA (r={cfg.lora_r}, alpha={cfg.lora_alpha}" + (", merged into the weights)" if
+             cfg.merge_adapter_on_save else "; the folder holds the adapter)")) if cfg.finetune == "lora" \
+        else "full fine-tuning"
+    lines = [
+        "---", "library_name: vlm-judge", f"base_model: {base_model}",
+        "tags: [vlm-judge, llm-as-a-judge, " + ("lora]" if cfg.finetune == "lora" else "full-finetune]"), "---", "",
+        f"# {out.name}: a {kind} judge",
+        "",
+        "Given an instruction, a response, a score rubric (and an optional reference answer"
+        + (" and image" if cfg.kind == "vision" else "") + "), it writes feedback against the rubric and then "
+        "a verdict: `So the overall score is N` plus `[RESULT] N` (1-5), or `[RESULT] A`/`B` for a pair. "
+        f"Trained with vlm-judge {__version__}.",
+        "",
+        "## Base model", "", f"`{base_model}`, {tuned}.", "",
+        "## Training data", "",
+        *[f"- `{f}`" for f in cfg.train_data],
+        "", f"Rows: {data_summary}. Mode: {cfg.mode}; swap augmentation {'on' if cfg.swap_augment else 'off'}; "
+            f"reference dropout {cfg.reference_dropout:g}.",
+    ]
+    if skipped:
+        lines += ["", "Skipped rows by reason:", *[f"- {n} x {reason}" for reason, n in sorted(skipped.items(),
+                                                                                          key=lambda kv: -kv[1])]]
+    lines += [
+        "", "## Prompt template", "",
+        f"`{cfg.template}` (vlm_judge.prompts; recorded in `{JUDGE_CARD}`, so the scorer renders the same prompt "
+        "the judge was trained on).",
+        "", "## Training", "",
+        f"{steps} optimizer steps; lr {cfg.lr:g} ({cfg.lr_schedule}, {cfg.warmup_steps} warmup steps), "
+        f"batch {cfg.per_device_batch_size} per device x grad_accum {cfg.grad_accum}, max_length {cfg.max_length}, "
+        f"seed {cfg.seed}. The full resolved recipe is `recipe.yaml`; losses per step are in `train_log.json`.",
+        "", "## In-training evaluation", "",
+    ]
+    if evals:
+        held = ", ".join(f"`{f}`" for f in cfg.eval_data) or f"{cfg.eval_fraction:g} of the training rows"
+        lines += [f"On held-out data ({held}; at most {cfg.eval_max_rows} rows, greedy, "
+                  f"{cfg.eval_max_new_tokens} new tokens): parse_rate = share of outputs with a verdict; "
+                  "exact / pearson against the gold scores; pair_accuracy for pairs.", "", *_metric_table(evals)]
+    else:
+        lines += ["None: the recipe had no held-out data (eval_data or eval_fraction)."]
+    lines += [
+        "", "## How to score with it", "",
+        "```bash", f"vlm-judge score answers.jsonl --judge {out} --out scored.jsonl", "```", "",
+        "```python", "from vlm_judge.scorer import Judge", "",
+        f'judge = Judge.load("{out}")',
+        'judgments = judge.absolute_grade(instructions, responses, rubric, reference_answers'
+        + (", images=image_paths)" if cfg.kind == "vision" else ")"),
+        "```", "",
+    ]
+    path = out / "README.md"
+    path.write_text(redact_text("\n".join(lines)), encoding="utf-8")
+    return path

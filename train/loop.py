@@ -3,7 +3,8 @@
 Runs the same on one CPU, one GPU, or N GPUs / nodes under `accelerate launch` (DDP, FSDP,
 DeepSpeed ZeRO-2/3 via the configs in train/recipes/accelerate/). One optimizer step per
 `grad_accum` micro-batches; the step count, the optimizer, the scheduler, the RNG and the
-position in the data are checkpointed, so a resumed run continues where it stopped.
+position in the data are checkpointed (as tensors and JSON, see train/checkpoint.py: a resume
+unpickles nothing), so a resumed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.config import TrainConfig
+from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from train.config import ConfigError, TrainConfig
 from train.data import Example, LoadReport, RowContext, RowError, augment, load_examples, split_heldout
 from train.encode import Encoder, collate
 from train.evaluate import evaluate
-from train.judge_folder import save_judge
+from train.judge_folder import save_judge, write_readme
 from train.model import load_base, prepare_for_training, resolve_base
+from vlm_judge.redact import redact_urls
 
 log = logging.getLogger("vlm_judge.train")
 
@@ -122,6 +125,44 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return cks[-1] if cks else None
 
 
+def check_inputs(cfg: TrainConfig) -> None:
+    """The mistakes that can be seen without loading anything (data files that are missing or are
+    folders, an output folder that is a file or lies under one, a resume folder that is not there),
+    as one ConfigError, so they cost no model load and leave nothing behind."""
+    problems = []
+    for name in ("train_data", "eval_data"):
+        for f in getattr(cfg, name):
+            p = Path(f)
+            if not p.exists():
+                problems.append(f"{name}: no such file {f}")
+            elif not p.is_file():
+                problems.append(f"{name}: {f} is a folder, not a data file")
+    if not cfg.train_data:
+        problems.append("train_data: required (JSON/JSONL/parquet files)")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(f"output_dir: {out} is a file, not a folder")
+    else:
+        parent = next((q for q in out.parents if q.exists()), None)
+        if parent is not None and not parent.is_dir():
+            problems.append(f"output_dir: {out} lies under {parent}, which is a file")
+    b = cfg.base_model
+    if b.startswith(("/", "./", "../", "~")) and not Path(b).expanduser().exists():
+        problems.append(f"base_model: no such model folder {b}")
+    if cfg.resume and cfg.resume != "latest" and not Path(cfg.resume).is_dir():
+        problems.append(f"resume: no checkpoint folder {cfg.resume}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _progress(step: int, total: int, rows_per_step: int, seconds: float, steps_done: int) -> str:
+    """'rows 40/80 (2.1 rows/s, ETA 0:00:19)': this run's rate, so a resumed run's ETA is its own."""
+    rate = steps_done / seconds if seconds > 0 else 0.0
+    eta = (total - step) / rate if rate > 0 else float("nan")
+    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+    return f"rows {step * rows_per_step}/{total * rows_per_step} ({rate * rows_per_step:.1f} rows/s, ETA {eta_s})"
+
+
 def setup_logging() -> None:
     if not log.handlers:
         h = logging.StreamHandler(sys.stderr)
@@ -137,6 +178,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from accelerate.utils import DistributedType, set_seed
 
     setup_logging()
+    check_inputs(cfg)
     out = Path(cfg.output_dir)
     cuda = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
@@ -159,18 +201,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
     info = log.info if acc.is_main_process else log.debug
 
-    # ---- model ------------------------------------------------------------------------------
-    with acc.main_process_first():  # a tiny base is built once, by the main process
-        base = resolve_base(cfg.base_model, out / "_tiny_base")
-    model, proc = load_base(base, cfg.kind, dtype=torch.bfloat16 if bf16 else torch.float32,
-                            chat_template=cfg.chat_template)
-    encoder = Encoder(proc, cfg.kind, cfg.template, max_length=cfg.max_length,
-                      image_token_id=getattr(model.config, "image_token_id", None))
-
-    # ---- data -------------------------------------------------------------------------------
+    # ---- data (rows first: a data mistake costs no model load) -------------------------------
     ctx = RowContext(mode=cfg.mode, image_root=cfg.image_root, image_rewrites=cfg.image_rewrites,
                      allowed_image_dirs=cfg.allowed_image_dirs, kind=cfg.kind)
     examples, report = load_examples(cfg.train_data, ctx, cfg.on_bad_row, cfg.max_rows)
+    if not examples:
+        raise RowError(f"no usable training examples ({report.summary()})")
     heldout: list[Example] = []
     if cfg.eval_data:
         heldout, _ = load_examples(cfg.eval_data, ctx, cfg.on_bad_row, report=LoadReport())
@@ -178,6 +214,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         examples, heldout = split_heldout(examples, cfg.eval_fraction, cfg.seed)
     heldout = heldout[: cfg.eval_max_rows]
     examples = augment(examples, cfg.swap_augment, cfg.reference_dropout, cfg.seed)
+
+    # ---- model ------------------------------------------------------------------------------
+    with acc.main_process_first():  # a tiny base is built once, by the main process
+        base = resolve_base(cfg.base_model, out / "_tiny_base")
+    model, proc = load_base(base, cfg.kind, dtype=torch.bfloat16 if bf16 else torch.float32,
+                            chat_template=cfg.chat_template)
+    encoder = Encoder(proc, cfg.kind, cfg.template, max_length=cfg.max_length,
+                      image_token_id=getattr(model.config, "image_token_id", None))
     examples = _validate(examples, encoder, cfg, report)
     report.examples = len(examples)
     info("data: %s", report.summary())
@@ -201,22 +245,27 @@ def train(cfg: TrainConfig) -> TrainResult:
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     # not prepared: accelerate would step a prepared scheduler once per process
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
-    acc.register_for_checkpointing(sched)
+    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     # ---- resume -----------------------------------------------------------------------------
     step, micro_done = 0, 0
     if cfg.resume:
+        if sharded:
+            # a sharded optimizer state has no plain-tensor form here; accelerate's own would be unpickled
+            raise CheckpointError("resume under FSDP/DeepSpeed is not supported (it would load pickled state); "
+                                  "resume on DDP or one device, or start from the saved judge")
         ck = _latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
         if ck is None or not ck.is_dir():
-            raise FileNotFoundError(f"resume={cfg.resume!r}: no checkpoint found under {out / 'checkpoints'}")
-        acc.load_state(str(ck))
-        state = json.loads((ck / "trainer_state.json").read_text())
+            raise CheckpointError(f"resume={cfg.resume!r}: no checkpoint found under {out / 'checkpoints'}")
+        state = load_checkpoint(acc, model, opt, sched, ck)
         step, micro_done = state["step"], state["micro_batches"]
         info("resumed from %s at step %d", ck, step)
 
+    if sharded and cfg.save_every:
+        log.warning("save_every=%d: no checkpoints under FSDP/DeepSpeed (resume needs a plain-tensor optimizer "
+                    "state); the judge folder is still written at the end", cfg.save_every)
     if trackers:
         acc.init_trackers("vlm_judge_train", config={k: str(v) for k, v in cfg.to_dict().items()})
-    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     res = TrainResult(out, step, report=report, is_main=acc.is_main_process)
     info("training %d steps (%d examples, %d micro-batches/epoch, grad_accum %d, %d process(es), %s)",
          total, len(examples), micro_per_epoch, cfg.grad_accum, acc.num_processes, "bf16" if bf16 else "fp32")
@@ -237,6 +286,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     model.train()
     t0 = time.perf_counter()
+    first_step = step
+    rows_per_step = cfg.per_device_batch_size * cfg.grad_accum * acc.num_processes
     window: list[float] = []
     float_dtype = torch.bfloat16 if bf16 else torch.float32
     while step < total:
@@ -263,13 +314,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             res.losses.append(sum(window) / len(window))
             window = []
             if step % cfg.log_every == 0 or step == total:
-                info("step %d/%d loss %.4f lr %.2e", step, total, res.losses[-1], sched.get_last_lr()[0])
+                info("step %d/%d loss %.4f lr %.2e %s", step, total, res.losses[-1], sched.get_last_lr()[0],
+                     _progress(step, total, rows_per_step, time.perf_counter() - t0, step - first_step))
                 if trackers:
                     acc.log({"train/loss": res.losses[-1], "train/lr": sched.get_last_lr()[0]}, step=step)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 run_eval()
-            if cfg.save_every and step % cfg.save_every == 0:
-                _checkpoint(acc, out, step, micro_done, cfg.keep_checkpoints)
+            if cfg.save_every and step % cfg.save_every == 0 and not sharded:
+                _checkpoint(acc, model, opt, sched, out, step, micro_done, cfg.keep_checkpoints)
             if step >= total:
                 break
     res.seconds = time.perf_counter() - t0
@@ -282,11 +334,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     unwrapped = acc.unwrap_model(model)
     state_dict = acc.get_state_dict(model) if sharded else None
     if acc.is_main_process:
-        save_judge(unwrapped, proc, out, cfg, base_model=str(Path(base).resolve()) if Path(base).exists() else base,
+        save_judge(unwrapped, proc, out, cfg, base_model=_card_base(base),
                    merge_adapter=cfg.merge_adapter_on_save, state_dict=state_dict, steps=step)
-        (out / "train_log.json").write_text(json.dumps(
+        (out / "train_log.json").write_text(json.dumps(redact_urls(
             {"steps": step, "losses": res.losses, "evals": res.evals, "data": report.summary(),
-             "skipped": dict(report.skipped)}, indent=1))
+             "skipped": dict(report.skipped)}), indent=1))
+        write_readme(out, cfg, base_model=_card_base(base), steps=step, evals=res.evals,
+                     data_summary=report.summary(), skipped=dict(report.skipped))
         info("judge written to %s (%s)", out, report.summary())
     if trackers:
         acc.end_training()
@@ -294,11 +348,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     return res
 
 
-def _checkpoint(acc: Any, out: Path, step: int, micro_done: int, keep: int) -> None:
+def _card_base(base: str) -> str:
+    return str(Path(base).resolve()) if Path(base).exists() else base
+
+
+def _checkpoint(acc: Any, model: Any, opt: Any, sched: Any, out: Path, step: int, micro_done: int, keep: int) -> None:
     ck = out / "checkpoints" / f"step-{step}"
-    acc.save_state(str(ck))
+    save_checkpoint(acc, model, opt, sched, ck, step, micro_done)
     if acc.is_main_process:
-        (ck / "trainer_state.json").write_text(json.dumps({"step": step, "micro_batches": micro_done}))
         cks = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         for old in cks[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,18 @@ def _check_compatible(cards: list[dict[str, Any]]) -> None:
     bases = {c.get("base_model") for c in cards}
     if len(bases) != 1:
         raise ValueError(f"cannot merge judges trained from different base models: {sorted(map(str, bases))}")
+
+
+def check_no_outside_links(folder: str | Path) -> None:
+    """Refuse a judge folder holding a symlink whose target lies outside it: merging copies and
+    loads the files it finds, and must not carry a file from elsewhere into the merged judge."""
+    root = Path(folder).resolve()
+    for p in Path(folder).rglob("*"):
+        if p.is_symlink():
+            target = p.resolve()
+            if target != root and root not in target.parents:
+                raise ValueError(f"{p} is a symlink to {target}, outside the judge folder {folder}; "
+                                 "copy the file into the folder (or remove the link) to merge it")
 
 
 def merge_judges(
@@ -49,6 +62,8 @@ def merge_judges(
         raise ValueError(f"{len(weights)} weights for {len(judges)} judges")
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
+    for j in judges:
+        check_no_outside_links(j)
     cards = [read_card(j) for j in judges]
     _check_compatible(cards)
     out = Path(out)
@@ -150,7 +165,7 @@ def _copy_processor(src: str | Path, out: Path) -> None:
     skip = {"adapter_model.safetensors", "adapter_config.json", "vlm_judge.json", "model.safetensors",
             "config.json", "generation_config.json", "train_log.json", "recipe.yaml"}
     for f in Path(src).iterdir():
-        if f.is_file() and f.name not in skip and not f.name.startswith("model-") and f.name != "README.md":
+        if f.is_file() and not f.is_symlink() and f.name not in skip and not f.name.startswith("model-") and f.name != "README.md":
             shutil.copy2(f, out / f.name)
 
 
@@ -164,7 +179,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--template", default=None, help="template of the merged judge (default: the first judge's)")
     a = ap.parse_args(argv)
-    weights = [float(x) for x in a.weights.split(",")] if a.weights else None
-    out = merge_judges(a.judges, a.out, weights, a.method, a.density, a.seed, a.template)
+    try:
+        weights = [float(x) for x in a.weights.split(",")] if a.weights else None
+        for j in a.judges:
+            read_card(j)  # a wrong path is one line, before any model loads
+        out = merge_judges(a.judges, a.out, weights, a.method, a.density, a.seed, a.template)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vlm-judge train merge: {e}", file=sys.stderr)
+        return 2
     print(f"merged judge written to {out}")
     return 0

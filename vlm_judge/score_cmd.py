@@ -23,6 +23,7 @@ from typing import Any
 from vlm_judge import __version__
 from vlm_judge.backends import GenerationParams
 from vlm_judge.inputs import InputOptions, RowError, load_rubrics, read_requests
+from vlm_judge.presets import preset_template
 from vlm_judge.records import JudgeRequest, Judgment
 from vlm_judge.scorer import JUDGE_CARD, Judge, ScorerConfig
 from vlm_judge.summary import format_summary, summarize
@@ -101,7 +102,7 @@ def _load_judge(args: argparse.Namespace) -> Judge:
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed)
     config = ScorerConfig(
-        template=args.template or card.get("template", "default"), batch_size=args.batch_size,
+        template=args.template or card.get("template") or preset_template(args.judge) or "default", batch_size=args.batch_size,
         max_parse_retries=args.retries, n_samples=args.n_samples, aggregate=args.aggregate,
         swap=not args.no_swap, params=params,
     )

@@ -315,3 +315,20 @@ def test_converted_stand_in_registered_as_the_preset_scores(tmp_path, clip_dir, 
     assert all(x["status"] in ("ok", "parse_failure") and x["raw_output"] for x in lines), lines
     assert {x["judge"] for x in lines} == {"kaist-ai/prometheus-vision-7b-v1.0"}
     assert {x["template"] for x in lines} == {"prometheus-vision"}
+
+
+def test_published_training_row_reaches_the_model_in_llavas_exact_prompt(converted):
+    """The whole chain for a published row: template render -> hf backend -> the converted chat template
+    gives conv_vicuna_v1's prompt around the published human turn, byte for byte."""
+    from tests.test_published_templates import _PARTS, TRAIN_ROWS, _vision_request
+    from vlm_judge.backends.hf import HFBackend
+    from vlm_judge.prompts import render
+    from vlm_judge.records import Rubric
+
+    _, out = converted
+    backend = HFBackend(str(out), device="cpu")
+    human = TRAIN_ROWS[0]["conversations"][0]["value"]
+    m = _PARTS.fullmatch(human[len("<image>\n"):])
+    req = _vision_request(m["instruction"], m["response"], m["reference"],
+                          Rubric.from_text(m["criteria"] + "\n" + m["scores"]), TRAIN_ROWS[0]["image"])
+    assert backend._chat_text(render(req, "prometheus-vision")) == f"{VICUNA_V1_SYSTEM} USER: {human} ASSISTANT:"

@@ -288,6 +288,20 @@ def test_a_name_that_is_nothing_fails_at_once(tmp_path, sample_images):
     assert proc.returncode == 2 and len(err.splitlines()) == 1
     assert f"no judge folder, preset or served model named '{tmp_path / 'no' / 'such judge'}'" in err
     assert "Repo id" not in err and seconds < 20
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "vlm_judge.cli", "serve", "--judge", "./no/such-judge", "--port", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1 and "no judge folder, preset or served model named './no/such-judge'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and time.perf_counter() - t0 < 20
+
+
+def test_preset_names_settle_without_weights_for_servers_and_the_mock():
+    served = locate_judge("prometheus-vision-7b", served=True)
+    assert (served.path, served.template) == ("prometheus-vision-7b", "prometheus-vision")  # the server's name
+    mock = locate_judge("prometheus-2-7b", backend="mock")
+    assert (mock.name, mock.template) == ("prometheus-eval/prometheus-7b-v2.0", "prometheus")
+    assert locate_judge("mock").path == "mock"
 
 
 def test_original_layout_in_the_preset_folder_names_the_convert_command(tmp_path, monkeypatch):

@@ -141,10 +141,13 @@ def _is_hub_id(name: str) -> bool:
 def locate_judge(name: str, backend: str | None = None, served: bool = False) -> Located:
     """Settle a judge name before anything is loaded.
 
+    `backend`: the backend named by the caller (None: chosen later from the card, i.e. a local one).
     `served`: a server URL was given, so the name is the served model's and nothing local is checked.
     """
     preset = PRESETS.get(name)
-    if served or backend in ("openai", "mock") or (backend is None and name == "mock"):
+    # only the backends that load weights here need them found; a server, the mock or a backend the user
+    # registered takes the name as it is
+    if served or name == "mock" or backend not in (None, "hf", "vllm"):
         if preset is not None and backend == "mock":  # the mock records the published name; no weights needed
             return Located(name=preset.model, path=preset.model, template=preset.template)
         # a served preset is still prompted in its own format (prompts are rendered here, not on the server)

@@ -145,8 +145,10 @@ def _text_config(original: dict[str, Any]) -> Any:
     known = set(LlamaConfig().to_dict()) - {"architectures", "model_type", "_name_or_path", "transformers_version",
                                             "dtype"}
     fields = {k: v for k, v in original.items() if k in known}
-    if "rope_scaling" in original and original["rope_scaling"]:
-        fields["rope_scaling"] = original["rope_scaling"]
+    # older configs give RoPE as rope_theta / rope_scaling (newer ones fold them into rope_parameters)
+    for key in ("rope_theta", "rope_scaling"):
+        if original.get(key) is not None and "rope_parameters" not in fields:
+            fields[key] = original[key]
     return LlamaConfig(**fields)
 
 
@@ -265,7 +267,11 @@ def convert(src: str | Path, vision_tower: str | Path, out: str | Path, dtype: s
     mapped = {k: (v.to(target) if v.is_floating_point() else v) for k, v in mapped.items()}
 
     # tokenizer: add <image> (and a pad token) as transformers' llava conversion does
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    try:  # LLaVA folders ship a sentencepiece tokenizer.model
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except (ImportError, OSError, ValueError) as e:
+        raise ConvertError(f"{src}: cannot load its tokenizer ({e}); a tokenizer.model needs "
+                           "pip install sentencepiece protobuf") from e
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_tokens(AddedToken("<image>", special=True, normalized=False), special_tokens=True)
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.unk_token:

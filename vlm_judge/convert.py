@@ -189,22 +189,27 @@ def _image_processor(clip_dir: Path, pad_to_square: bool) -> Any:
     return LlavaImageProcessorPil(do_pad=pad_to_square, **kwargs)
 
 
-def _new_rows(old: Any, n: int, seed: int) -> Any:
-    """n rows drawn from N(mean, 1e-5 * covariance) of the old rows, as transformers' llava conversion
-    draws the embeddings of the tokens it adds; the plain mean when the covariance is singular."""
+def _new_rows(old: Any, counts: tuple[int, ...], seed: int) -> list[Any]:
+    """For each count, that many rows drawn from N(mean, 1e-5 * covariance) of the old rows, as
+    transformers' llava conversion draws the embeddings of the tokens it adds (the plain mean when the
+    covariance is singular). The covariance is computed once for all draws."""
     import torch
 
-    x = old.double()
+    # float32 like the reference script; the 4096 x 4096 covariance of 32000 rows is the slow step on a CPU
+    # (about a minute on 2 cores), so it runs on a GPU when there is one
+    x = old.float().to("cuda" if torch.cuda.is_available() else "cpu")
     mu = x.mean(0)
     centred = x - mu
-    sigma = centred.T @ centred / x.shape[0]
+    sigma = (centred.T @ centred / x.shape[0]).double().cpu()
+    del centred, x
+    mu = mu.double().cpu()
     gen = torch.Generator().manual_seed(seed)
     try:
         chol = torch.linalg.cholesky(1e-5 * sigma)
     except RuntimeError:  # not positive definite (fewer rows than dimensions): no spread to sample
-        return mu.expand(n, -1).to(old.dtype).clone()
-    z = torch.randn(n, x.shape[1], generator=gen, dtype=torch.float64)
-    return (mu + z @ chol.T).to(old.dtype)
+        return [mu.expand(n, -1).to(old.dtype).clone() for n in counts]
+    return [(mu + torch.randn(n, mu.shape[0], generator=gen, dtype=torch.float64) @ chol.T).to(old.dtype)
+            for n in counts]
 
 
 def convert(src: str | Path, vision_tower: str | Path, out: str | Path, dtype: str = "auto",
@@ -281,13 +286,14 @@ def convert(src: str | Path, vision_tower: str | Path, out: str | Path, dtype: s
     text_config = _text_config(original)
     old_vocab = text_config.vocab_size
     new_vocab = old_vocab if len(tokenizer) <= old_vocab else math.ceil(len(tokenizer) / 64) * 64
-    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-        if key in mapped and new_vocab > old_vocab:
+    grow = [k for k in ("model.language_model.embed_tokens.weight", "lm_head.weight") if k in mapped]
+    if new_vocab > old_vocab and grow:
+        for key in grow:
             if mapped[key].shape[0] != old_vocab:
                 raise ConvertError(f"{src}: {key} has {mapped[key].shape[0]} rows, config.json says vocab_size={old_vocab}")
-            # both matrices get rows drawn around the embedding mean, as the reference script does
-            base = mapped["model.language_model.embed_tokens.weight"][:old_vocab]
-            extra = _new_rows(base, new_vocab - old_vocab, seed + (key == "lm_head.weight"))
+        # both matrices get rows drawn around the embedding mean, as the reference script does
+        base = mapped.get("model.language_model.embed_tokens.weight", mapped[grow[0]])
+        for key, extra in zip(grow, _new_rows(base, (new_vocab - old_vocab,) * len(grow), seed)):
             mapped[key] = torch.cat([mapped[key], extra.to(mapped[key].dtype)], 0)
     text_config.vocab_size = new_vocab
     text_config.pad_token_id = tokenizer.pad_token_id

@@ -242,6 +242,12 @@ def test_convert_command_line(tmp_path, clip_dir, capsys):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert main(["convert", str(tmp_path / "nowhere"), "--vision-tower", str(clip_dir), "--out", str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "src"), "--vision-tower", str(tmp_path / "no-clip"), "--out",
+                 str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "not a CLIP model folder" in err and "openai/clip-vit-large-patch14-336" in err and len(err.splitlines()) == 1
+    assert main(["convert", str(tmp_path / "src"), "--vision-tower", str(clip_dir), "--out", str(tmp_path / "o")]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
 
 
 # ---- presets -----------------------------------------------------------------------------------

@@ -236,8 +236,12 @@ def convert(src: str | Path, vision_tower: str | Path, out: str | Path, dtype: s
     select = original.get("mm_vision_select_feature", "patch")
     if select not in _SELECT:
         raise ConvertError(f"{src}: mm_vision_select_feature={select!r}; supported: {sorted(_SELECT)}")
-    if out.exists() and any(out.iterdir()):
-        raise ConvertError(f"--out {out} exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConvertError(f"--out {out} exists and is not an empty folder")
+    # the tower folder is checked before gigabytes of weights are read
+    if not (clip_dir / "config.json").is_file() or not (clip_dir / "preprocessor_config.json").is_file():
+        raise ConvertError(f"--vision-tower {clip_dir}: not a CLIP model folder (needs config.json and "
+                           f"preprocessor_config.json; the checkpoint names {original.get('mm_vision_tower')!r})")
 
     raw = _load_original_state_dict(src)
     mapped: dict[str, Any] = {}

@@ -52,11 +52,13 @@ VICUNA_V1_TEMPLATE = (
     "{% for message in turns %}"
     "{% if message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{{ '\n' }}{% endif %}{% endfor %}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{{ '\n' }}{% endif %}{% endfor %}"
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% endif %}{{ ' ' }}"
     "{% elif message['role'] == 'assistant' %}ASSISTANT: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{{ message['content'][0]['text'] }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{{ message['content'][0]['text'] }}{% endif %}"
     "{{ eos_token }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
@@ -168,7 +170,8 @@ def _vision(clip_dir: Path) -> tuple[Any, dict[str, Any], int]:
     finally:
         logging.set_verbosity(level)
     if info["missing_keys"]:
-        raise ConvertError(f"--vision-tower {clip_dir}: missing CLIP vision weights: {_short(list(info['missing_keys']))}")
+        missing = _short(list(info["missing_keys"]))
+        raise ConvertError(f"--vision-tower {clip_dir}: missing CLIP vision weights: {missing}")
     unknown = [k for k in info["unexpected_keys"] if not k.startswith(_CLIP_TEXT_HALF)]
     if unknown or info["mismatched_keys"]:
         raise ConvertError(f"--vision-tower {clip_dir}: unknown or mis-shaped keys: "
@@ -294,7 +297,8 @@ def convert(src: str | Path, vision_tower: str | Path, out: str | Path, dtype: s
     if new_vocab > old_vocab and grow:
         for key in grow:
             if mapped[key].shape[0] != old_vocab:
-                raise ConvertError(f"{src}: {key} has {mapped[key].shape[0]} rows, config.json says vocab_size={old_vocab}")
+                rows = mapped[key].shape[0]
+                raise ConvertError(f"{src}: {key} has {rows} rows, config.json says vocab_size={old_vocab}")
         # both matrices get rows drawn around the embedding mean, as the reference script does
         base = mapped.get("model.language_model.embed_tokens.weight", mapped[grow[0]])
         for key, extra in zip(grow, _new_rows(base, (new_vocab - old_vocab,) * len(grow), seed)):
@@ -318,8 +322,10 @@ def convert(src: str | Path, vision_tower: str | Path, out: str | Path, dtype: s
     missing = sorted(set(expected) - set(mapped))
     extra = sorted(set(mapped) - set(expected))
     if missing or extra:
-        raise ConvertError(f"{src}: missing keys: {_short(missing) or 'none'}; unexpected keys: {_short(extra) or 'none'}")
-    wrong = [f"{k} {tuple(mapped[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if mapped[k].shape != v.shape]
+        raise ConvertError(f"{src}: missing keys: {_short(missing) or 'none'}; "
+                           f"unexpected keys: {_short(extra) or 'none'}")
+    wrong = [f"{k} {tuple(mapped[k].shape)} != {tuple(v.shape)}"
+             for k, v in expected.items() if mapped[k].shape != v.shape]
     if wrong:
         raise ConvertError(f"{src}: tensors of the wrong shape for this config: {_short(wrong, 6)}")
     model.load_state_dict(mapped, strict=True, assign=True)

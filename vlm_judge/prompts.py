@@ -267,7 +267,8 @@ def _fill(body: str, values: dict[str, str]) -> str:
 def _rubric_text(request: JudgeRequest, style: str) -> str:
     rubric = request.rubric
     if style == "plain":
-        lines = [rubric.criteria.strip()] + [f"Score {i}: {d.strip()}" for i, d in enumerate(rubric.score_descriptions, 1)]
+        scores = [f"Score {i}: {d.strip()}" for i, d in enumerate(rubric.score_descriptions, 1)]
+        lines = [rubric.criteria.strip(), *scores]
         return "\n".join(lines if request.mode == "absolute" else lines[:1])
     if request.mode == "absolute":
         return rubric.to_text()

@@ -102,7 +102,8 @@ def _load_judge(args: argparse.Namespace) -> Judge:
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed)
     config = ScorerConfig(
-        template=args.template or card.get("template") or preset_template(args.judge) or "default", batch_size=args.batch_size,
+        template=args.template or card.get("template") or preset_template(args.judge) or "default",
+        batch_size=args.batch_size,
         max_parse_retries=args.retries, n_samples=args.n_samples, aggregate=args.aggregate,
         swap=not args.no_swap, params=params,
     )

@@ -44,7 +44,12 @@ def test_prefix_template_puts_the_response_last():
     assert pos == sorted(pos)
 
 
-@pytest.mark.parametrize("template", sorted(TEMPLATES))
+# our own wording; the published templates (prometheus, prometheus-vision) keep theirs and are checked
+# byte for byte in test_published_templates.py
+OUR_TEMPLATES = ("default", "prefix")
+
+
+@pytest.mark.parametrize("template", OUR_TEMPLATES)
 def test_relative_sections_and_reference_optional(template):
     with_ref, no_ref = render(req(relative=True), template).user, render(req(None, relative=True), template).user
     for text in (with_ref, no_ref):
@@ -61,7 +66,7 @@ def test_reference_section_only_with_a_reference(template):
     assert "There are three apples." in render(req(), template).user
 
 
-@pytest.mark.parametrize("template", sorted(TEMPLATES))
+@pytest.mark.parametrize("template", OUR_TEMPLATES)
 def test_vision_wording_only_with_images(template):
     text_only, vision = render(req(), template), render(req(images=[IMG]), template)
     assert "image" not in text_only.user.lower()

@@ -110,7 +110,7 @@ def test_text_judge_refuses_images_per_row_or_grades_their_captions():
 
 def test_presets_pick_the_published_model():
     judge = TextJudge.load("prometheus-2-7b", backend="mock")
-    assert judge.name == "prometheus-eval/prometheus-7b-v2.0" and judge.config.template == "default"
+    assert judge.name == "prometheus-eval/prometheus-7b-v2.0" and judge.config.template == "prometheus"
     [j] = judge.absolute_grade("Explain tides.", "The moon pulls the sea.", RUBRIC)
     assert j.judge == "prometheus-eval/prometheus-7b-v2.0"
 

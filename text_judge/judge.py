@@ -15,17 +15,12 @@ from typing import Any
 
 from text_judge.captions import CaptionSource, caption_bridge
 from vlm_judge import __version__
+from vlm_judge.presets import PRESETS, Preset
 from vlm_judge.records import JudgeRequest, Judgment
 from vlm_judge.scorer import Judge, ScorerConfig
 
-# Published text judges: name -> how to load them. Resolved offline from a local path or the
-# user's model cache by the hf backend; the template keeps their section layout.
-TEXT_PRESETS: dict[str, dict[str, str]] = {
-    "prometheus-2-7b": {"model": "prometheus-eval/prometheus-7b-v2.0", "backend": "hf", "template": "default"},
-    "prometheus-2-8x7b": {"model": "prometheus-eval/prometheus-8x7b-v2.0", "backend": "hf", "template": "default"},
-    "prometheus-13b": {"model": "kaist-ai/prometheus-13b-v1.0", "backend": "hf", "template": "default"},
-    "prometheus-7b": {"model": "kaist-ai/prometheus-7b-v1.0", "backend": "hf", "template": "default"},
-}
+# Published text judges: the text entries of the one preset table (resolved by `Judge.load`).
+TEXT_PRESETS: dict[str, Preset] = {name: p for name, p in PRESETS.items() if p.kind == "text"}
 
 REFUSED = "a text judge cannot see images: give TextJudge captions (text_judge.caption_bridge) or use a vision judge"
 
@@ -43,12 +38,7 @@ class TextJudge(Judge):
     @classmethod
     def load(cls, name_or_path: str, backend: str | None = None, config: ScorerConfig | None = None,
              captions: CaptionSource | None = None, **backend_kwargs: Any) -> TextJudge:
-        """Like `Judge.load`; a name from TEXT_PRESETS picks its model, backend and template."""
-        preset = TEXT_PRESETS.get(name_or_path)
-        if preset is not None:
-            name_or_path = preset["model"]
-            backend = backend or preset["backend"]
-            config = config or ScorerConfig(template=preset["template"])
+        """Like `Judge.load` (a preset name picks its model and template there)."""
         judge = super().load(name_or_path, backend=backend, config=config, **backend_kwargs)
         assert isinstance(judge, TextJudge)
         judge.captions = captions

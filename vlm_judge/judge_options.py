@@ -137,14 +137,15 @@ class JudgeOptions:
                                 top_p=self.top_p, seed=self.seed)
 
     def scorer_config(self, judge: str, **fields: Any) -> ScorerConfig:
-        """A ScorerConfig from these options; the template falls back to the judge card's. `fields`:
+        """A ScorerConfig from these options; the template falls back to the judge card's, then the preset's. `fields`:
         the command's own scorer settings (batch_size, n_samples, ...). A bad template fails here,
         before any model loads."""
         from vlm_judge.card import load_card
+        from vlm_judge.presets import preset_template
         from vlm_judge.prompts import get_template
         from vlm_judge.scorer import ScorerConfig
 
-        template = self.template or load_card(judge).get("template", "default")
+        template = self.template or load_card(judge).get("template") or preset_template(judge) or "default"
         get_template(template, "absolute")
         return ScorerConfig(template=template, max_parse_retries=self.retries, params=self.params(), **fields)
 

@@ -6,7 +6,10 @@ on and the prompt it is scored with cannot drift apart.
 Templates keep the Prometheus family's section structure and headers (task description,
 instruction, response(s), reference answer, score rubric, feedback) so that published
 Prometheus / Prometheus-Vision weights see the layout they were trained on; the sentences of the
-task descriptions are our own. A user can load a template from a YAML/JSON file with the same
+task descriptions are our own ('default', 'prefix'). Published fine-tuned judges are shown the exact
+input format they were trained on instead: 'prometheus' (Prometheus 2, as prometheus-eval renders it,
+with its system prompts) and 'prometheus-vision' (Prometheus-Vision's published rows); presets and
+converted folders pick them. A user can load a template from a YAML/JSON file with the same
 fields (`load_template`).
 """
 
@@ -82,6 +85,12 @@ class JudgeTemplate:
     vision_body: str | None = None
     """Variant used when the request carries images (None: use `body`)."""
     vision_body_no_ref: str | None = None
+    rubric_style: str = "default"
+    """How {rubric} is written: 'default' ('[criteria]' + 'Score N:' lines when absolute, the bare
+    criteria when relative), 'bracketed' ('[criteria]' in both modes, as prometheus-eval does) or
+    'plain' (the criteria without brackets, then the 'Score N:' lines: Prometheus-Vision's rows)."""
+    strip: bool = True
+    """Strip surrounding whitespace from the values; published formats insert them as given."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +139,88 @@ TEMPLATES: dict[str, tuple[JudgeTemplate, JudgeTemplate]] = {
 }
 
 
+# Prometheus 2's published input format (prometheus-eval 0.1.20's ABSOLUTE_PROMPT, RELATIVE_PROMPT and
+# their _WO_REF forms, with its system prompts). Its wording ("a evaluation criteria", "assess") is the
+# interface the published weights were trained on: do not correct it.
+_P2_ABS_SYSTEM = (
+    "You are a fair judge assistant tasked with providing clear, objective feedback based on specific criteria, "
+    "ensuring each assessment reflects the absolute standards set for performance."
+)
+_P2_REL_SYSTEM = (
+    "You are a fair judge assistant assigned to deliver insightful feedback that compares individual "
+    "performances, highlighting how each stands relative to others within the same cohort."
+)
+_P2_ABS_TASK = (
+    "###Task Description:\n"
+    "An instruction (might include an Input inside it), a response to evaluate, {ref}and a score rubric "
+    "representing a evaluation criteria are given.\n"
+    "1. Write a detailed feedback that assess the quality of the response strictly based on the given score "
+    "rubric, not evaluating in general.\n"
+    "2. After writing a feedback, write a score that is an integer between 1 and 5. You should refer to the "
+    "score rubric.\n"
+    '3. The output format should look as follows: "(write a feedback for criteria) [RESULT] (an integer number '
+    'between 1 and 5)"\n'
+    "4. Please do not generate any other opening, closing, and explanations.\n\n"
+)
+_P2_REL_TASK = (
+    "###Task Description:\n"
+    "An instruction (might include an Input inside it), a response to evaluate, {ref}and a score rubric "
+    "representing a evaluation criteria are given.\n"
+    "1. Write a detailed feedback that assess the quality of two responses strictly based on the given score "
+    "rubric, not evaluating in general.\n"
+    "2. After writing a feedback, choose a better response between Response A and Response B. You should refer "
+    "to the score rubric.\n"
+    '3. The output format should look as follows: "(write a feedback for criteria) [RESULT] (A or B)"\n'
+    "4. Please do not generate any other opening, closing, and explanations.\n\n"
+)
+_P2_ABS_SECTIONS = (
+    "###The instruction to evaluate:\n{instruction}\n\n###Response to evaluate:\n{response}\n\n{ref}"
+    "###Score Rubrics:\n{rubric}\n\n###Feedback: "
+)
+_P2_REL_SECTIONS = (
+    "###Instruction:\n{instruction}\n\n###Response A:\n{response_a}\n\n###Response B:\n{response_b}\n\n"
+    "{ref}###Score Rubric:\n{rubric}\n\n###Feedback: "
+)
+# Prometheus-Vision's published rows (absolute grading only): the same sections with its own task
+# wording, "Feedback:" unquoted in the format line, the bare criteria, and no space after "###Feedback:".
+# Without a reference answer its clause and section are left out, as Prometheus 2's _WO_REF forms do.
+_PV_ABS_TASK = (
+    "###Task Description:\n"
+    "An instruction (might include an Input inside it), a response to evaluate, {ref}and a score rubric "
+    "representing an evaluation criterion is given.\n"
+    "1. Write a detailed feedback that assesses the quality of the response strictly based on the given score "
+    "rubric, not evaluating in general.\n"
+    "2. After writing a feedback, write a score that is an integer between 1 and 5. You should refer to the "
+    "score rubric.\n"
+    "3. The output format should look as follows: Feedback: (write a feedback for criteria) [RESULT] (an "
+    "integer number between 1 and 5)\n"
+    "4. Please do not generate any other opening, closing, and explanations.\n\n"
+)
+
+
+def _published(name: str, task: str, sections: str, ref_clause: str, ref_section: str, relative: bool,
+               system: str | None, rubric_style: str, feedback_tail: str = "") -> JudgeTemplate:
+    def body(ref: bool) -> str:
+        text = task.replace("{ref}", ref_clause if ref else "") + sections.replace("{ref}", ref_section if ref else "")
+        return text[: -len("###Feedback: ")] + feedback_tail if feedback_tail else text
+
+    return JudgeTemplate(name=name, mode="relative" if relative else "absolute", body=body(True),
+                         body_no_ref=body(False), system=system, rubric_style=rubric_style, strip=False)
+
+
+_P2_ABS = _published("prometheus", _P2_ABS_TASK, _P2_ABS_SECTIONS, "a reference answer that gets a score of 5, ",
+                     "###Reference Answer (Score 5):\n{reference_answer}\n\n", False, _P2_ABS_SYSTEM, "bracketed")
+_P2_REL = _published("prometheus", _P2_REL_TASK, _P2_REL_SECTIONS, "a reference answer, ",
+                     "###Reference Answer:\n{reference_answer}\n\n", True, _P2_REL_SYSTEM, "bracketed")
+# The vision judge's system line is vicuna_v1's, which its chat template writes (no system turn here).
+_PV_ABS = _published("prometheus-vision", _PV_ABS_TASK, _P2_ABS_SECTIONS, "a reference answer that gets a score of 5, ",
+                     "###Reference Answer (Score 5):\n{reference_answer}\n\n", False, None, "plain",
+                     feedback_tail="###Feedback:")
+TEMPLATES["prometheus"] = (_P2_ABS, _P2_REL)
+# Prometheus-Vision was trained on absolute grading only; pairs get Prometheus 2's relative prompt.
+TEMPLATES["prometheus-vision"] = (_PV_ABS, replace(_P2_REL, name="prometheus-vision", system=None))
+
+
 def get_template(name_or_path: str | Path, mode: str) -> JudgeTemplate:
     """A template by registered name, or loaded from a YAML/JSON file (one template per file,
     or a mapping with 'absolute' and 'relative' keys)."""
@@ -173,6 +264,17 @@ def _fill(body: str, values: dict[str, str]) -> str:
     return _FIELD_RE.sub(lambda m: values.get(m.group(1), ""), body)
 
 
+def _rubric_text(request: JudgeRequest, style: str) -> str:
+    rubric = request.rubric
+    if style == "plain":
+        scores = [f"Score {i}: {d.strip()}" for i, d in enumerate(rubric.score_descriptions, 1)]
+        lines = [rubric.criteria.strip(), *scores]
+        return "\n".join(lines if request.mode == "absolute" else lines[:1])
+    if request.mode == "absolute":
+        return rubric.to_text()
+    return f"[{rubric.criteria.strip()}]" if style == "bracketed" else rubric.criteria.strip()
+
+
 def render(request: JudgeRequest, template: JudgeTemplate | str = "default") -> Prompt:
     """Render a request into the prompt the judge sees. The single way prompts are built."""
     if isinstance(template, str):
@@ -185,13 +287,16 @@ def render(request: JudgeRequest, template: JudgeTemplate | str = "default") -> 
         body = template.vision_body if has_ref else (template.vision_body_no_ref or template.vision_body)
     else:
         body = template.body if has_ref else template.body_no_ref
+    def clean(text: str | None) -> str:
+        return (text or "").strip() if template.strip else (text or "")
+
     values = {
-        "instruction": request.instruction.strip(),
-        "response": request.response.strip(),
-        "response_a": request.response.strip(),
-        "response_b": (request.response_b or "").strip(),
-        "reference_answer": (request.reference_answer or "").strip(),
-        "rubric": request.rubric.to_text() if request.mode == "absolute" else request.rubric.criteria.strip(),
+        "instruction": clean(request.instruction),
+        "response": clean(request.response),
+        "response_a": clean(request.response),
+        "response_b": clean(request.response_b),
+        "reference_answer": clean(request.reference_answer),
+        "rubric": _rubric_text(request, template.rubric_style),
     }
     return Prompt(user=_fill(body, values), system=template.system, images=request.images)
 

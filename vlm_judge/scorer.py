@@ -19,6 +19,7 @@ from vlm_judge import __version__
 from vlm_judge.backends import Backend, GenerationParams, get_backend
 from vlm_judge.images import resolve_image
 from vlm_judge.parse import parse_output
+from vlm_judge.presets import locate_judge
 from vlm_judge.prompts import JudgeTemplate, get_template, render, swapped
 from vlm_judge.records import JudgeRequest, Judgment, RecordError, Rubric, Verdict
 
@@ -123,7 +124,14 @@ class Judge:
     ) -> Judge:
         """Load a judge: 'mock', a judge folder written by `vlm-judge train` (its card says how),
         a transformers model folder or name ('hf'), or a model served by an OpenAI-compatible
-        server (backend='openai', base_url=...)."""
+        server (backend='openai', base_url=...). A preset name (`vlm_judge.presets`) loads its
+        published weights from the preset folder or the local model cache, with its template; a name
+        that is none of these fails at once (JudgeNotFound), before any model code is imported."""
+        located = locate_judge(name_or_path, backend,
+                               served=bool(backend_kwargs.get("base_url") or backend_kwargs.get("base_urls")))
+        name_or_path = located.path
+        if config is None and located.template:
+            config = ScorerConfig(template=located.template)
         card: dict[str, Any] = {}
         card_path = Path(name_or_path) / JUDGE_CARD
         if card_path.is_file():
@@ -138,7 +146,7 @@ class Judge:
         config = config or ScorerConfig(template=card.get("template", "default"))
         # every backend takes the model as `model`; the mock also records it as its name
         be = get_backend(backend, model=name_or_path, **backend_kwargs)
-        return cls(be, config, name=name_or_path)
+        return cls(be, config, name=located.name)
 
     # ---- public grading API -------------------------------------------------------------
 

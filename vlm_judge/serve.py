@@ -511,7 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         card = Path(args.judge) / "vlm_judge.json"
         backend_name = "mock" if args.judge == "mock" else (json.loads(card.read_text()).get("backend", "hf") if card.is_file() else "hf")
     try:
-        backend = get_backend(backend_name, model=args.judge, **dict(args.backend_arg))
+        from vlm_judge.presets import locate_judge
+
+        # a preset name loads its local weights; a name that is nothing fails here, at once
+        model = locate_judge(args.judge, backend_name).path
+        backend = get_backend(backend_name, model=model, **dict(args.backend_arg))
     except (ImportError, OSError, ValueError) as e:
         print(f"vlm-judge serve: cannot load judge {args.judge!r} with backend {backend_name!r}: {e}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ from vlm_judge.backends.mock import MockBackend
 from vlm_judge.backends.openai import OpenAIBackend, _retry_after, image_data_url, image_mime
 from vlm_judge.records import ImageRef, Rubric
 from vlm_judge.scorer import Judge, ScorerConfig
-from vlm_judge.serve import Fault, start_server
+from tests.fault_server import Fault, start_server
 
 RUBRIC = Rubric(
     "Does the answer describe the picture accurately?",

@@ -14,7 +14,7 @@ from tests.pc_script import ScriptedVLM
 from vlm_judge.backends import GenerationParams, Prompt, get_backend
 from vlm_judge.backends.mock import MockBackend
 from vlm_judge.records import ImageRef, Rubric
-from vlm_judge.serve import Fault, start_server
+from tests.fault_server import Fault, start_server
 
 RUBRIC = Rubric("Does the response name the animal correctly?", tuple(f"level {i}" for i in range(1, 6)))
 SEEDS = [SeedRubric("object_identity", "grounding", RUBRIC), SeedRubric("counting", "reasoning", RUBRIC)]

@@ -242,6 +242,10 @@ class Observed:
             nonlocal status
             if msg["type"] == "http.response.start":
                 status = msg["status"]
+                if chat:  # booked before the client can read the reply
+                    with self.stats.lock:
+                        self.stats.in_flight -= 1
+                    self.stats.record(self.stats.statuses, status)
             await send(msg)
 
         if chat:
@@ -252,10 +256,10 @@ class Observed:
         try:
             await self.app(scope, receive, send_seen)
         finally:
-            if chat:
+            if chat and not status:  # no reply at all (a dropped connection)
                 with self.stats.lock:
                     self.stats.in_flight -= 1
-                self.stats.record(self.stats.statuses, status)
+                self.stats.record(self.stats.statuses, 0)
             if self.log is not None:
                 self.log(f"{scope['method']} {scope['path']} {status or '-'} {1000 * (time.perf_counter() - t0):.0f}ms")
 

@@ -591,8 +591,9 @@ def test_cli_busy_port_and_open_bind_without_key_give_one_line_each():
     assert lines[1].startswith(f"vlm-judge serve: cannot listen on 0.0.0.0:{port}:")
 
 
-def _wait_up(port: int) -> None:
-    for _ in range(200):
+def _wait_up(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
             get(f"http://127.0.0.1:{port}/health")
             return
@@ -620,3 +621,57 @@ def test_cli_takes_the_api_key_from_env_or_file(tmp_path, how):
         out, err = proc.communicate(timeout=10)
     assert "from-somewhere" not in out + err
     assert "POST /v1/chat/completions 401" in err and "POST /v1/chat/completions 200" in err
+
+
+def _png_variant(png: bytes, n: int) -> bytes:
+    """The same pixels with a different tEXt chunk after IHDR: distinct bytes, distinct cache key."""
+    import struct
+    import zlib
+
+    body = b"tEXt" + b"variant\x00" + str(n).encode()
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    ihdr_end = 8 + 8 + 13 + 4
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+@pytest.mark.slow
+def test_rss_after_50_huge_images_stays_under_the_cache_budget(tiny_llava_dir):
+    """A server subprocess with the tiny LLaVA: 50 requests, each a distinct 7000x7000 PNG."""
+    import io
+
+    import psutil
+    from PIL import Image
+
+    from vlm_judge.images import IMAGE_CACHE_BYTES
+
+    buf = io.BytesIO()
+    Image.new("RGB", (7000, 7000), (40, 90, 160)).save(buf, format="PNG")
+    png = buf.getvalue()
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vlm_judge.cli", "serve", "--judge", str(tiny_llava_dir), "--backend", "hf",
+                             "--port", str(port), "--served-model-name", "tiny", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        _wait_up(port, timeout=180)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+        def ask(data: bytes) -> int:
+            u = "data:image/png;base64," + base64.b64encode(data).decode()
+            return post(url, {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": u}}, {"type": "text", "text": "Grade."}]}]}, timeout=120)[0]
+
+        assert ask(_png_variant(png, -1)) == 200
+        ps = psutil.Process(proc.pid)
+        base = ps.memory_info().rss
+        statuses = [ask(_png_variant(png, i)) for i in range(50)]
+        rss = ps.memory_info().rss
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert statuses == [200] * 50
+    print(f"RSS after the first image {base / 2**20:.0f} MiB, after 50 more {rss / 2**20:.0f} MiB")
+    # the old server kept every decoded original: 50 x 147 MB of RGB; now the growth is bounded by
+    # the caches' budgets (preprocessed tensors, plus a quarter for decoded images), and is far lower
+    assert rss - base < IMAGE_CACHE_BYTES * 1.25
+    assert rss - base < 50 * 7000 * 7000 * 3 / 4

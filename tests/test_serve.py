@@ -675,3 +675,20 @@ def test_rss_after_50_huge_images_stays_under_the_cache_budget(tiny_llava_dir):
     # the caches' budgets (preprocessed tensors, plus a quarter for decoded images), and is far lower
     assert rss - base < IMAGE_CACHE_BYTES * 1.25
     assert rss - base < 50 * 7000 * 7000 * 3 / 4
+
+
+def test_context_is_checked_before_tokenizing_then_exactly(server, long_lm):
+    """A 2 MB prompt is refused from its length alone; one under that bound but over the context
+    after tokenizing is refused when encoded, also with a 400 naming the context."""
+    import random
+
+    h = server(long_lm, model_name="lm")
+    url = h.base_url + "/chat/completions"
+    t0 = time.monotonic()
+    status, resp = post(url, {"model": "lm", "messages": [{"role": "user", "content": "a" * 2_000_000}]})
+    assert status == 400 and "prompt has at least" in resp["error"]["message"] and time.monotonic() - t0 < 2
+    assert "4096 tokens" in resp["error"]["message"]
+    rng = random.Random(0)
+    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(12_000))
+    status, resp = post(url, {"model": "lm", "max_tokens": 8, "messages": [{"role": "user", "content": text}]}, timeout=120)
+    assert status == 400 and "over the model's 4096-token context" in resp["error"]["message"], resp

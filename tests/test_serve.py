@@ -692,3 +692,16 @@ def test_context_is_checked_before_tokenizing_then_exactly(server, long_lm):
     text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(12_000))
     status, resp = post(url, {"model": "lm", "max_tokens": 8, "messages": [{"role": "user", "content": text}]}, timeout=120)
     assert status == 400 and "over the model's 4096-token context" in resp["error"]["message"], resp
+
+
+def test_score_against_an_unreachable_server_is_one_line_in_seconds(tmp_path):
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(json.dumps({"instruction": "Describe.", "response": "A cat.", "rubric": RUBRIC}) + "\n")
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "vlm_judge.cli", "score", str(rows), "--judge", "judge", "--base-url", url,
+                        "--out", str(tmp_path / "out.jsonl")], capture_output=True, text=True, timeout=60, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode != 0 and time.monotonic() - t0 < 20  # interpreter start included; was ~54 s of retries
+    assert r.stderr.strip().splitlines() == [f"vlm-judge score: no OpenAI-compatible server answers at {url} "
+                                             "(ConnectionRefusedError: [Errno 111] Connection refused)"]

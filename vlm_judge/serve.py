@@ -223,7 +223,7 @@ class App:
 
 class Observed:
     """Outermost layer: request counting, reply statuses, and one log line per request
-    (method, path, status, milliseconds) on stderr."""
+    (method, path, status, milliseconds to the reply's headers; '-' when none was sent)."""
 
     CHAT = ("/v1/chat/completions", "/chat/completions")
 
@@ -246,7 +246,12 @@ class Observed:
                     with self.stats.lock:
                         self.stats.in_flight -= 1
                     self.stats.record(self.stats.statuses, status)
+                line()  # so is the log line: the reply's body follows at once
             await send(msg)
+
+        def line() -> None:
+            if self.log is not None:
+                self.log(f"{scope['method']} {scope['path']} {status or '-'} {1000 * (time.perf_counter() - t0):.0f}ms")
 
         if chat:
             with self.stats.lock:
@@ -256,12 +261,12 @@ class Observed:
         try:
             await self.app(scope, receive, send_seen)
         finally:
-            if chat and not status:  # no reply at all (a dropped connection)
-                with self.stats.lock:
-                    self.stats.in_flight -= 1
-                self.stats.record(self.stats.statuses, 0)
-            if self.log is not None:
-                self.log(f"{scope['method']} {scope['path']} {status or '-'} {1000 * (time.perf_counter() - t0):.0f}ms")
+            if not status:  # no reply at all (a dropped connection)
+                if chat:
+                    with self.stats.lock:
+                        self.stats.in_flight -= 1
+                    self.stats.record(self.stats.statuses, 0)
+                line()
 
 
 def build_app(backend: Backend, cfg: ServeConfig, batcher: MicroBatcher, stats: ServerStats,

@@ -294,6 +294,11 @@ def _protocol_class(header_timeout: float) -> type:
     class Protocol(H11Protocol):
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # headers and body go out in separate writes; with Nagle on, the body waits for
+                # the client's delayed ACK (~40 ms per request)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             app = self.app
 
             async def with_transport(scope: dict, receive: Any, send: Any) -> None:

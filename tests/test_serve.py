@@ -725,3 +725,17 @@ def test_keep_alive_replies_do_not_wait_for_delayed_acks(server):
         took.append(time.perf_counter() - t0)
     conn.close()
     assert statistics.median(took) < 0.03, took
+
+
+def test_the_scorer_does_not_resend_a_request_the_backend_already_retried():
+    """A server that drops every connection: the backend's own retries, then no parse retries."""
+    from tests.fault_server import Fault
+    from tests.fault_server import start_server as start_faulty
+    from vlm_judge.scorer import Judge, ScorerConfig
+
+    with start_faulty(MockBackend("mock"), faults=lambda n, body: Fault(drop=True)) as h:
+        judge = Judge.load("mock", backend="openai", base_url=h.base_url, backoff=0.01, max_retries=1,
+                           config=ScorerConfig(max_parse_retries=2))
+        [j] = judge.absolute_grade("Describe.", "A cat.", rubric=RUBRIC)
+    assert j.status == "error" and "connection error after 1 retry" in j.reason
+    assert h.stats.requests == 2  # 1 + 1 retry, not x 3 parse attempts

@@ -14,13 +14,13 @@ import time
 
 import pytest
 
+from tests.fault_server import Fault, start_server
 from vlm_judge.backends import get_backend
 from vlm_judge.backends.base import GenerationParams, Prompt
 from vlm_judge.backends.mock import MockBackend
 from vlm_judge.backends.openai import OpenAIBackend, _retry_after, image_data_url, image_mime
 from vlm_judge.records import ImageRef, Rubric
 from vlm_judge.scorer import Judge, ScorerConfig
-from vlm_judge.serve import Fault, start_server
 
 RUBRIC = Rubric(
     "Does the answer describe the picture accurately?",
@@ -188,7 +188,8 @@ def test_timeout_is_reported_per_prompt(served):
 
 def test_other_4xx_fails_at_once_with_server_message(served):
     h = served(api_key="sekret")
-    [g] = client(h.base_url, api_key="wrong").generate([Prompt(user="hi")], P)
+    # check=False: the key is refused after the backend was made (the up-front check refuses it now)
+    [g] = client(h.base_url, api_key="wrong", check=False).generate([Prompt(user="hi")], P)
     assert g.text is None and "HTTP 401" in g.error and "invalid or missing API key" in g.error
     assert g.extra["attempts"] == 1 and h.stats.requests == 1
     [ok] = client(h.base_url, api_key="sekret").generate([Prompt(user="hi")], P)
@@ -211,7 +212,8 @@ def test_dropped_connection_is_retried(served):
 
 
 def test_unreachable_server_is_an_error_not_an_exception():
-    [g] = client(dead_url(), max_retries=1).generate([Prompt(user="hi")], P)
+    # check=False: the server goes away after the backend was made (the up-front check passed)
+    [g] = client(dead_url(), max_retries=1, check=False).generate([Prompt(user="hi")], P)
     assert g.text is None and g.error.startswith("connection error after 1 retry")
 
 
@@ -310,7 +312,7 @@ def test_retry_after_parsing_and_config_errors(monkeypatch):
     with pytest.raises(ValueError, match="base_url"):
         get_backend("openai", model="x")
     monkeypatch.setenv("OPENAI_API_KEY", "from-env")
-    assert OpenAIBackend("x", base_url="http://h/v1").api_key == "from-env"
+    assert OpenAIBackend("x", base_url="http://h/v1", check=False).api_key == "from-env"
 
 
 def test_sick_endpoint_gets_little_traffic(served):
@@ -324,7 +326,7 @@ def test_sick_endpoint_gets_little_traffic(served):
 
 
 def test_endpoint_back_from_the_bench_is_probed_one_request_at_a_time():
-    be = OpenAIBackend("m", base_urls=["http://a/v1", "http://b/v1"])
+    be = OpenAIBackend("m", base_urls=["http://a/v1", "http://b/v1"], check=False)
     a, b = be.endpoints
     b.failures, b.benched_until = 3, 0.0  # failed before; bench time is over
     picks = [be._pick() for _ in range(4)]  # nothing finishes in between

@@ -12,9 +12,9 @@ from PIL import Image
 
 from perception_collection.cli import main, shipped_recipes
 from perception_collection.config import BuildConfig, ConfigError
+from tests.fault_server import Fault, start_server
 from tests.pc_script import ScriptedVLM
 from vlm_judge.cli import main as vlm_judge_main
-from vlm_judge.serve import Fault, start_server
 
 
 def test_every_shipped_recipe_loads_validates_and_round_trips():

@@ -18,8 +18,8 @@ from perception_collection.pipeline import build
 from perception_collection.rows import SCORES
 from perception_collection.store import read_jsonl
 from perception_collection.teacher import make_teacher
+from tests.fault_server import Fault, start_server
 from tests.pc_script import ScriptedVLM, stage_of
-from vlm_judge.serve import Fault, start_server
 
 # image -> context words that switch on the scripted model's failure paths
 CONTEXTS = {

@@ -10,11 +10,11 @@ import pytest
 
 from perception_collection.rows import SeedRubric, SourceImage, Teacher, TeacherError
 from perception_collection.teacher import LLMTeacher, TeacherCache, extract_json, request_key, strip_verdict
+from tests.fault_server import Fault, start_server
 from tests.pc_script import ScriptedVLM
 from vlm_judge.backends import GenerationParams, Prompt, get_backend
 from vlm_judge.backends.mock import MockBackend
 from vlm_judge.records import ImageRef, Rubric
-from vlm_judge.serve import Fault, start_server
 
 RUBRIC = Rubric("Does the response name the animal correctly?", tuple(f"level {i}" for i in range(1, 6)))
 SEEDS = [SeedRubric("object_identity", "grounding", RUBRIC), SeedRubric("counting", "reasoning", RUBRIC)]

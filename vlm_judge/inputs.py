@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm_judge.images import ImageError, load_image, resolve_image
+from vlm_judge.images import ImageError, check_image, resolve_image
 from vlm_judge.jsonl import BadLine, iter_jsonl
 from vlm_judge.records import ImageRef, JudgeRequest, RecordError, Rubric
 
@@ -307,7 +307,7 @@ def _images(row: dict[str, Any], rid: str, opts: InputOptions, root: Path) -> tu
             else:
                 ref = resolve_image(v, root, opts.image_rewrites, allowed)
             if opts.check_images:
-                load_image(ref, max_pixels=opts.max_pixels)
+                check_image(ref, max_pixels=opts.max_pixels)  # header only: no pixels held for a row check
         except (ImageError, RecordError) as e:
             hint = ""
             if "outside the allowed folders" in str(e):

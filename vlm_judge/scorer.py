@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlm_judge import __version__
-from vlm_judge.backends import Backend, GenerationParams, get_backend
+from vlm_judge.backends import Backend, Generation, GenerationParams, get_backend
 from vlm_judge.images import resolve_image
 from vlm_judge.parse import parse_output
 from vlm_judge.presets import locate_judge
@@ -72,6 +72,8 @@ class _Job:
     verdict: Verdict = None
     status: str = "pending"
     reason: str = ""
+    final: bool = False
+    """Another attempt cannot help (a client error, or a server the backend already retried)."""
 
 
 def _as_rubric(r: Rubric | dict | str) -> Rubric:
@@ -231,7 +233,7 @@ class Judge:
             if not pending:
                 break
             self._run(pending, attempt)
-            pending = [j for j in pending if j.status != "ok"]
+            pending = [j for j in pending if j.status != "ok" and not j.final]
         by_row: dict[int, list[_Job]] = {}
         for j in jobs:
             by_row.setdefault(j.req_index, []).append(j)
@@ -276,6 +278,7 @@ class Judge:
                     job.text = g.text
                     if g.error is not None or g.text is None:
                         job.status, job.reason = "error", g.error or "backend returned no text"
+                        job.final = not retry_helps(g)
                         continue
                     res = parse_output(g.text, job.request.mode)
                     job.feedback = res.feedback
@@ -317,6 +320,14 @@ class Judge:
         else:
             score = int(mean + 0.5)
         return Judgment(score=score, samples=scores, mean_score=mean if len(scores) > 1 else None, **common)
+
+
+def retry_helps(g: Generation) -> bool:
+    """Whether generating again may fix a failed generation. Not for a prompt the backend calls
+    the prompt's fault (`client_error`: an undecodable image, over the context, a 4xx) nor one it
+    marks `retryable: False` (the openai backend already retried a connection error or a 5xx):
+    the parse-retry loop would only send the same failing request again."""
+    return not g.extra.get("client_error") and g.extra.get("retryable") is not False
 
 
 def _row_id(ids: Sequence[str] | None, k: int) -> str:

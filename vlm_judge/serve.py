@@ -1,425 +1,357 @@
-"""A minimal OpenAI-compatible HTTP server in front of ANY vlm_judge backend.
+"""An OpenAI-compatible HTTP server in front of ANY vlm_judge backend (uvicorn + starlette).
 
 `vlm-judge serve --judge PATH --backend hf` puts a local judge behind the same API that vLLM and
 SGLang speak, so the `openai` backend (and the data builder's teacher client) can use it from
 other processes or machines. For GPU-scale serving use vLLM or SGLang (docs/serving.md); this
 server is for judges those engines cannot load, for CPU machines, and for tests.
 
-Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health. Standard library only.
-Concurrent requests that arrive within `batch_wait` seconds of each other (and any that queue
-while the backend is busy) go to `backend.generate` together, up to `max_batch`: that is what makes
-a batched local backend efficient behind an API that takes one prompt per request.
-Tests inject faults (500, 429 with Retry-After, slow replies, malformed bodies) with `faults=`.
+Routes: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id} (all behind the API key
+when one is set) and GET /health (a bare liveness probe: {"status": "ok"}, nothing else).
+Requests go through the micro-batcher (vlm_judge.serve_batcher). What protects the server from
+its clients, in the order a request meets it:
+
+- the listen backlog (`BACKLOG`) holds bursts of connections instead of resetting them;
+- a connection must send its request headers within `header_timeout` seconds and an idle
+  keep-alive connection is closed after `keep_alive` seconds, so half-open connections cost a
+  file descriptor for a bounded time and no thread at all;
+- the API key is checked before the body is read (401), the body size from Content-Length
+  before reading (413) and again while reading (a chunked body), within `body_timeout` (408);
+- every field is validated (400 naming the field and the limit, 404 for an unknown model), the
+  images from their headers, and the token budget against the context before any tokenizing;
+- a full queue answers 429 with Retry-After; a client that disconnects stops its request.
+
+Needs the `serve` extra: pip install 'vlm-judge[serve]'.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
+import asyncio
+import hmac
+import ipaddress
 import json
-import queue
+import os
 import socket
 import sys
 import threading
 import time
-import uuid
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-from vlm_judge.backends.base import Backend, Generation, GenerationParams, Prompt
-from vlm_judge.records import ImageRef
+from vlm_judge.backends.base import Backend
+from vlm_judge.images import DEFAULT_MAX_PIXELS
+from vlm_judge.judge_options import JudgeOptions, add_judge_options
+from vlm_judge.serve_api import (
+    ApiError,
+    BadRequest,
+    check_context,
+    completion_json,
+    decode_data_url,
+    model_json,
+    params_from_body,
+    prompt_from_messages,
+)
+from vlm_judge.serve_batcher import CLIENT_ERROR, MicroBatcher, QueueFull, ServerStats
+
+__all__ = ["BadRequest", "ServerHandle", "ServerStats", "build_app", "decode_data_url", "main",
+           "prompt_from_messages", "start_server"]
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 """Largest request accepted; a few full-resolution images as base64 fit well below it."""
-HISTORY = 100_000
-"""How many batch sizes / reply statuses the stats keep (a long-running server must not grow)."""
+BACKLOG = 2048
+"""Listen backlog: with the default of a few dozen, a burst of clients gets connection resets."""
+API_KEY_ENV = "VLM_JUDGE_API_KEY"
+
+ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
 
-class BadRequest(ValueError):
-    """The request is not a chat completion this server can serve (answered with HTTP 400)."""
+def _need_serve_extra() -> None:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"vlm-judge serve needs uvicorn and starlette: pip install 'vlm-judge[serve]' ({e})") from e
 
 
-@dataclass(frozen=True)
-class Fault:
-    """What the server does instead of (or before) answering one request, for tests.
-
-    `status=None` with a `delay` answers normally after sleeping (a slow server, or one that
-    sleeps past the client's timeout); `body` replaces the JSON error body (malformed replies);
-    `drop` closes the connection without any reply (a crashed worker or an impatient proxy).
-    """
-
-    status: int | None = 500
-    retry_after: float | None = None
-    delay: float = 0.0
-    body: bytes | None = None
-    message: str = "injected fault"
-    drop: bool = False
-
-
-FaultSpec = Union[Callable[[int, dict], Union[Fault, None]], Mapping[int, Fault], None]
-"""Either {request number (1-based): Fault} or a function (number, request body) -> Fault | None."""
+# ---- the application ---------------------------------------------------------------------
 
 
 @dataclass
-class ServerStats:
-    """What the server saw, for tests and for `GET /health`."""
+class ServeConfig:
+    """What the application enforces per request."""
 
-    requests: int = 0
-    """Chat completion requests received (the number faults are keyed by)."""
-    in_flight: int = 0
-    max_in_flight: int = 0
-    """The most chat requests being handled at the same moment."""
-    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    """Prompts per backend.generate call (the latest HISTORY calls)."""
-    statuses: deque[int] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    """HTTP status of each chat reply, in the order they were sent (0: dropped, no reply)."""
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    body_timeout: float = 30.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    retry_after: int = 1
+    """Seconds a client refused with 429 (queue full) is told to wait."""
 
 
-# ---- request <-> Prompt ------------------------------------------------------------------
+def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(obj, status_code=status, headers=headers)
 
 
-def _text_of(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) != len(content):
-            raise BadRequest(f"{where}: only text content is supported here")
-        return "\n".join(texts)
-    raise BadRequest(f"{where}: content must be a string or a list of parts")
+class App:
+    """The ASGI application: routing, auth, limits, the request -> batcher -> reply path."""
 
+    def __init__(self, backend: Backend, cfg: ServeConfig, batcher: MicroBatcher, stats: ServerStats) -> None:
+        self.backend, self.cfg, self.batcher, self.stats = backend, cfg, batcher, stats
+        self.context = getattr(backend, "max_positions", None)
+        self.token_chars = getattr(backend, "max_token_chars", None) if self.context else None
 
-def decode_data_url(url: str) -> bytes:
-    """The bytes of a base64 `data:` URL; anything else is refused (this server fetches nothing)."""
-    if not url.startswith("data:"):
-        raise BadRequest(f"image URLs are not fetched by this server; send a base64 data URL (got {url[:60]!r})")
-    head, sep, payload = url.partition(",")
-    if not sep or not head.endswith(";base64"):
-        raise BadRequest("image data URL must be base64 encoded ('data:image/png;base64,...')")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise BadRequest(f"image data URL is not valid base64: {e}") from e
-
-
-def prompt_from_messages(messages: Any) -> Prompt:
-    """Map OpenAI chat messages to a Prompt: system text, ONE user turn (text + data-URL images),
-    and an optional final assistant message, which becomes the assistant prefix to continue.
-
-    Images are placed before the text, as every vlm_judge template expects; a judge prompt has
-    one user turn, so multi-turn conversations are refused rather than silently flattened.
-    """
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list")
-    system: list[str] = []
-    user: str | None = None
-    images: list[ImageRef] = []
-    prefix = ""
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise BadRequest(f"messages[{i}] must be an object")
-        role, content = m.get("role"), m.get("content")
-        if role in ("system", "developer"):
-            system.append(_text_of(content, f"messages[{i}]"))
-        elif role == "user":
-            if user is not None:
-                raise BadRequest("only one user message is supported (a judge prompt is a single turn)")
-            if isinstance(content, list):
-                texts = []
-                for j, part in enumerate(content):
-                    kind = part.get("type") if isinstance(part, dict) else None
-                    if kind == "text":
-                        texts.append(str(part.get("text", "")))
-                    elif kind == "image_url":
-                        iu = part.get("image_url")
-                        url = iu.get("url") if isinstance(iu, dict) else iu
-                        if not isinstance(url, str):
-                            raise BadRequest(f"messages[{i}].content[{j}].image_url needs a url")
-                        images.append(ImageRef(data=decode_data_url(url)))
-                    else:
-                        raise BadRequest(f"messages[{i}].content[{j}]: unsupported part type {kind!r}")
-                user = "\n".join(texts)
-            else:
-                user = _text_of(content, f"messages[{i}]")
-        elif role == "assistant":
-            if i != len(messages) - 1 or user is None:
-                raise BadRequest("an assistant message is only allowed last, as a prefix to continue")
-            prefix = _text_of(content, f"messages[{i}]")
-        else:
-            raise BadRequest(f"messages[{i}]: unsupported role {role!r}")
-    if user is None:
-        raise BadRequest("no user message")
-    return Prompt(user=user, system="\n".join(system) or None, images=tuple(images), assistant_prefix=prefix)
-
-
-def params_from_body(body: dict) -> GenerationParams:
-    """Sampling parameters from the request. Unlike OpenAI, temperature defaults to 0 (greedy):
-    a judge should be reproducible unless asked otherwise."""
-    if body.get("stream"):
-        raise BadRequest("streaming is not supported by this server")
-    if body.get("n") not in (None, 1):
-        raise BadRequest("n must be 1")
-    stop = body.get("stop") or ()
-    try:
-        return GenerationParams(
-            max_new_tokens=int(body.get("max_completion_tokens") or body.get("max_tokens") or GenerationParams.max_new_tokens),
-            temperature=float(body.get("temperature") if body.get("temperature") is not None else 0.0),
-            top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
-            seed=None if body.get("seed") is None else int(body["seed"]),
-            stop=(stop,) if isinstance(stop, str) else tuple(str(s) for s in stop),
-        )
-    except (TypeError, ValueError) as e:
-        raise BadRequest(f"bad sampling parameter: {e}") from e
-
-
-def completion_json(gen: Generation, model: str) -> dict:
-    """The OpenAI chat.completion object for one generation."""
-    finish = gen.extra.get("finish_reason") or "stop"
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": finish}],
-        "usage": {
-            "prompt_tokens": gen.prompt_tokens,
-            "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens,
-        },
-    }
-
-
-# ---- micro-batching ----------------------------------------------------------------------
-
-
-class _Item:
-    __slots__ = ("prompt", "params", "done", "result")
-
-    def __init__(self, prompt: Prompt, params: GenerationParams) -> None:
-        self.prompt, self.params = prompt, params
-        self.done = threading.Event()
-        self.result: Generation | None = None
-
-
-class MicroBatcher:
-    """One worker thread owns the backend: it gathers queued requests into batches.
-
-    A single worker also means a backend that is not thread-safe (a transformers model) is only
-    ever called from one thread.
-    """
-
-    def __init__(self, backend: Backend, max_batch: int = 16, batch_wait: float = 0.005, stats: ServerStats | None = None) -> None:
-        self.backend, self.max_batch, self.batch_wait = backend, max_batch, batch_wait
-        self.stats = stats or ServerStats()
-        self._q: queue.Queue[_Item | None] = queue.Queue()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="vlm-judge-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, prompt: Prompt, params: GenerationParams) -> Generation:
-        if self._stopped:
-            return Generation(text=None, error="server stopped")
-        item = _Item(prompt, params)
-        self._q.put(item)
-        item.done.wait()
-        return item.result or Generation(text=None, error="server stopped")
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._q.put(None)
-        self._thread.join(timeout=5)
-        while True:  # anyone still waiting gets an answer instead of hanging
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                item.done.set()
-
-    def _loop(self) -> None:
-        while True:
-            first = self._q.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.batch_wait
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._q.put(None)  # stop after this batch
-                    break
-                batch.append(item)
-            # one generate call per distinct sampling setting (they are per call, not per prompt);
-            # greedy decoding ignores the seed, so clients sending different seeds still batch
-            groups: dict[GenerationParams, list[_Item]] = {}
-            for it in batch:
-                key = it.params if it.params.temperature > 0 else replace(it.params, seed=None)
-                groups.setdefault(key, []).append(it)
-            for items in groups.values():
-                params = items[0].params
-                with self.stats.lock:
-                    self.stats.batch_sizes.append(len(items))
-                try:
-                    gens = self.backend.generate([it.prompt for it in items], params)
-                    if len(gens) != len(items):
-                        raise RuntimeError(f"backend returned {len(gens)} generations for {len(items)} prompts")
-                except Exception as e:  # the backend broke its contract; answer every waiter anyway
-                    gens = [Generation(text=None, error=f"backend raised {type(e).__name__}: {e}")] * len(items)
-                for it, g in zip(items, gens):
-                    it.result = g
-                    it.done.set()
-
-
-# ---- HTTP --------------------------------------------------------------------------------
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, addr: tuple[str, int], backend: Backend, model_name: str, faults: FaultSpec,
-                 api_key: str | None, max_batch: int, batch_wait: float) -> None:
-        super().__init__(addr, _Handler)
-        self.backend, self.model_name, self.faults, self.api_key = backend, model_name, faults, api_key
-        self.stats = ServerStats()
-        self.batcher = MicroBatcher(backend, max_batch, batch_wait, self.stats)
-        self.stopping = threading.Event()
-        self.conns: set[socket.socket] = set()
-        self.conns_lock = threading.Lock()
-
-    def fault_for(self, n: int, body: dict) -> Fault | None:
-        if self.faults is None:
-            return None
-        if callable(self.faults):
-            return self.faults(n, body)
-        return self.faults.get(n)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
-    # headers and body go out in separate writes; with Nagle on, the body waits for the client's
-    # delayed ACK (~40 ms per request)
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.conns_lock:
-            self.server.conns.add(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            with self.server.conns_lock:
-                self.server.conns.discard(self.connection)
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet by default; errors go in replies
-        pass
-
-    def _send(self, status: int, obj: Any = None, raw: bytes | None = None, headers: dict[str, str] | None = None) -> None:
-        data = raw if raw is not None else json.dumps(obj).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (e.g. its timeout)
-            self.close_connection = True
-
-    def _error(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None) -> None:
-        self._send(status, {"error": {"message": message, "type": kind, "code": status}}, headers=headers)
-
-    def do_GET(self) -> None:
-        path = self.path.split("?")[0].rstrip("/")
-        if path == "/health":
-            self._send(200, {"status": "ok", "model": self.server.model_name})
-        elif path in ("/v1/models", "/models"):
-            self._send(200, {"object": "list", "data": [
-                {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "vlm-judge"}]})
-        else:
-            self._error(404, f"no route {self.path}")
-
-    def do_POST(self) -> None:
-        if self.path.split("?")[0].rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-            self._error(404, f"no route {self.path}")
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # uvicorn runs with lifespan off and no websockets
             return
-        srv = self.server
-        with srv.stats.lock:
-            srv.stats.requests += 1
-            n = srv.stats.requests
-            srv.stats.in_flight += 1
-            srv.stats.max_in_flight = max(srv.stats.max_in_flight, srv.stats.in_flight)
-        status = 500
-        try:
-            status = self._chat(n)
-        except Exception as e:  # a bug here must still answer the client, not hang it
-            self._error(500, f"server error: {type(e).__name__}: {e}", "server_error")
-        finally:
-            with srv.stats.lock:
-                srv.stats.in_flight -= 1
-                srv.stats.statuses.append(status)
+        from starlette.requests import Request
 
-    def _chat(self, n: int) -> int:
-        srv = self.server
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            self._error(413, f"request body over {MAX_BODY_BYTES} bytes")
-            return 413
-        raw = self.rfile.read(length)
-        if srv.api_key and self.headers.get("Authorization") != f"Bearer {srv.api_key}":
-            self._error(401, "invalid or missing API key", "authentication_error")
-            return 401
+        request = Request(scope, receive)
+        try:
+            response = await self._route(request)
+        except ApiError as e:
+            response = _json(e.status, e.body(), e.headers)
+        except Exception as e:  # a bug here must still answer the client, with a line in the log
+            traceback.print_exc(file=sys.stderr)
+            response = _json(500, {"error": {"message": f"server error: {type(e).__name__}", "type": "server_error",
+                                             "code": 500}})
+        await response(scope, receive, send)
+
+    def _authorize(self, request: Any) -> None:
+        key = self.cfg.api_key
+        if not key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "invalid or missing API key", "authentication_error", {"WWW-Authenticate": "Bearer"})
+
+    async def _route(self, request: Any) -> Any:
+        method, path = request.method, request.url.path.rstrip("/") or "/"
+        if path == "/health" and method in ("GET", "HEAD"):
+            return _json(200, {"status": "ok"})
+        self._authorize(request)
+        name = self.cfg.model_name
+        if path in ("/v1/models", "/models") and method == "GET":
+            return _json(200, {"object": "list", "data": [model_json(name)]})
+        for prefix in ("/v1/models/", "/models/"):
+            if path.startswith(prefix) and method == "GET":
+                if path[len(prefix):] != name:
+                    raise ApiError(404, f"model {path[len(prefix):]!r} not found; this server serves {name!r}",
+                                   "not_found_error")
+                return _json(200, model_json(name))
+        if path in ("/v1/chat/completions", "/chat/completions"):
+            if method != "POST":
+                raise ApiError(405, f"{method} {path}: use POST", headers={"Allow": "POST"})
+            return await self._chat(request)
+        raise ApiError(404, f"no route {method} {path}", "not_found_error")
+
+    async def _body(self, request: Any) -> bytes:
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise BadRequest(f"Content-Length {declared!r} is not a number of bytes")
+            if int(declared) > limit:
+                raise ApiError(413, f"request body of {int(declared)} bytes is over the {limit}-byte limit",
+                               headers={"Connection": "close"})
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body over the {limit}-byte limit", headers={"Connection": "close"})
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            return await asyncio.wait_for(read(), self.cfg.body_timeout)
+        except asyncio.TimeoutError as e:
+            raise ApiError(408, f"request body not received within {self.cfg.body_timeout:g}s",
+                           headers={"Connection": "close"}) from e
+
+    async def _chat(self, request: Any) -> Any:
+        raw = await self._body(request)
         try:
             body = json.loads(raw)
-            if not isinstance(body, dict):
-                raise BadRequest("request body must be a JSON object")
         except ValueError as e:
-            self._error(400, f"request body is not valid JSON: {e}")
-            return 400
-        fault = srv.fault_for(n, body)
-        if fault is not None:
-            if fault.delay:
-                srv.stopping.wait(fault.delay)
-            if fault.drop:
-                self.close_connection = True
-                try:
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                return 0
-            if fault.status is not None:
-                headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
-                if fault.body is not None:
-                    self._send(fault.status, raw=fault.body, headers=headers)
-                else:
-                    self._error(fault.status, f"{fault.message} (request {n})", "server_error", headers)
-                return fault.status
+            raise BadRequest(f"request body is not valid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.cfg.model_name:
+            raise ApiError(404, f"model {str(model)[:100]!r} not found; this server serves {self.cfg.model_name!r}",
+                           "not_found_error")
+        prompt = prompt_from_messages(body.get("messages"), self.cfg.max_pixels)
+        params = params_from_body(body)
+        check_context(prompt, params, self.context, self.token_chars)
         try:
-            prompt = prompt_from_messages(body.get("messages"))
-            params = params_from_body(body)
-        except BadRequest as e:
-            self._error(400, str(e))
-            return 400
-        gen = srv.batcher.submit(prompt, params)
+            job = self.batcher.submit(prompt, params, asyncio.get_running_loop())
+        except QueueFull as e:
+            raise ApiError(429, "the server's queue is full; retry later", "rate_limit_error",
+                           {"Retry-After": str(self.cfg.retry_after)}) from e
+        gen = await self._wait(job, request)
+        if gen is None:  # the client left; nobody reads a reply
+            return _json(499, {"error": {"message": "client disconnected", "type": "cancelled", "code": 499}})
         if gen.error is not None or gen.text is None:
-            self._error(500, f"generation failed: {gen.error or 'no text'}", "server_error")
-            return 500
-        self._send(200, completion_json(gen, str(body.get("model") or srv.model_name)))
-        return 200
+            if gen.extra.get(CLIENT_ERROR):
+                raise BadRequest(gen.error or "bad request")
+            raise ApiError(500, f"generation failed: {gen.error or 'no text'}", "server_error")
+        return _json(200, completion_json(gen, self.cfg.model_name))
+
+    async def _wait(self, job: Any, request: Any) -> Any:
+        """The job's generation, or None when the client disconnects first (the job is cancelled)."""
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            done, _ = await asyncio.wait({job.future, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if job.future in done:
+            return job.future.result()
+        self.batcher.cancel(job)
+        return None
+
+
+class Observed:
+    """Outermost layer: request counting, reply statuses, and one log line per request
+    (method, path, status, milliseconds to the reply's headers; '-' when none was sent)."""
+
+    CHAT = ("/v1/chat/completions", "/chat/completions")
+
+    def __init__(self, app: ASGIApp, stats: ServerStats, log: Callable[[str], None] | None) -> None:
+        self.app, self.stats, self.log = app, stats, log
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        chat = scope["path"].rstrip("/") in self.CHAT
+        status = 0
+
+        async def send_seen(msg: dict) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+                if chat:  # booked before the client can read the reply
+                    with self.stats.lock:
+                        self.stats.in_flight -= 1
+                    self.stats.record(self.stats.statuses, status)
+                line()  # so is the log line: the reply's body follows at once
+            await send(msg)
+
+        def line() -> None:
+            if self.log is not None:
+                self.log(f"{scope['method']} {scope['path']} {status or '-'} {1000 * (time.perf_counter() - t0):.0f}ms")
+
+        if chat:
+            with self.stats.lock:
+                self.stats.requests += 1
+                self.stats.in_flight += 1
+                self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        try:
+            await self.app(scope, receive, send_seen)
+        finally:
+            if not status:  # no reply at all (a dropped connection)
+                if chat:
+                    with self.stats.lock:
+                        self.stats.in_flight -= 1
+                    self.stats.record(self.stats.statuses, 0)
+                line()
+
+
+def build_app(backend: Backend, cfg: ServeConfig, batcher: MicroBatcher, stats: ServerStats,
+              wrap: Callable[[ASGIApp], ASGIApp] | None = None, log: Callable[[str], None] | None = None) -> ASGIApp:
+    """The full ASGI stack; `wrap` puts a layer (e.g. tests' fault injection) inside the observer."""
+    inner: ASGIApp = App(backend, cfg, batcher, stats)
+    if wrap is not None:
+        inner = wrap(inner)
+    return Observed(inner, stats, log)
+
+
+# ---- the HTTP server ---------------------------------------------------------------------
+
+
+def _protocol_class(header_timeout: float) -> type:
+    """uvicorn's h11 protocol plus a deadline for the request headers.
+
+    uvicorn's keep-alive timer runs only between requests and is cancelled by the first byte of
+    the next one, so a connection that sends part of its headers and stops would be held forever.
+    Each connection also carries its transport in the scope (`vlm_judge.transport`), which lets a
+    test layer drop a connection without a reply."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # headers and body go out in separate writes; with Nagle on, the body waits for
+                # the client's delayed ACK (~40 ms per request)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            app = self.app
+
+            async def with_transport(scope: dict, receive: Any, send: Any) -> None:
+                scope["vlm_judge.transport"] = transport
+                await app(scope, receive, send)
+
+            self.app = with_transport
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            self._header_timer = self.loop.call_later(header_timeout, self._header_deadline)
+
+        def _header_deadline(self) -> None:
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle and self.conn.their_state in (h11.IDLE, h11.DONE) and not self.transport.is_closing():
+                self.transport.close()  # headers not complete in time (or a request never came)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._header_timer.cancel()
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket (bound here, so a busy port is an OSError the caller can word)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family = infos[0][0] if infos else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(infos[0][4] if infos else (host, port))
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -428,26 +360,18 @@ class ServerHandle:
 
     base_url: str
     stats: ServerStats
-    _server: _Server
+    model_name: str
+    _server: Any
     _thread: threading.Thread
+    _batcher: MicroBatcher
 
     def stop(self) -> None:
-        """Stop accepting, cut open keep-alive connections, and finish the batcher."""
-        srv = self._server
-        if srv.stopping.is_set():
+        """Stop accepting, close connections (in-flight ones get up to a second), end the batcher."""
+        if self._server.should_exit and not self._thread.is_alive():
             return
-        srv.stopping.set()
-        srv.shutdown()
-        with srv.conns_lock:
-            conns = list(srv.conns)
-        for c in conns:  # without this a kept-alive client connection would still be served
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        srv.batcher.stop()
-        srv.server_close()
-        self._thread.join(timeout=5)
+        self._server.should_exit = True
+        self._batcher.stop()
+        self._thread.join(timeout=10)
 
     def __enter__(self) -> ServerHandle:
         return self
@@ -460,71 +384,133 @@ def start_server(
     backend: Backend,
     host: str = "127.0.0.1",
     port: int = 0,
-    faults: FaultSpec = None,
     model_name: str | None = None,
     api_key: str | None = None,
     max_batch: int = 16,
     batch_wait: float = 0.005,
+    max_queue: int = 256,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    header_timeout: float = 10.0,
+    keep_alive: int = 5,
+    body_timeout: float = 30.0,
+    wrap: Callable[[ASGIApp], ASGIApp] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ServerHandle:
-    """Serve `backend` in a background thread; port 0 picks a free port. Returns at once."""
-    if max_batch < 1 or batch_wait < 0:
-        raise ValueError("max_batch must be >= 1 and batch_wait >= 0")
-    srv = _Server((host, port), backend, model_name or getattr(backend, "name", "judge"), faults, api_key, max_batch, batch_wait)
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, name="vlm-judge-serve", daemon=True)
-    t.start()
-    h, p = srv.server_address[:2]
-    return ServerHandle(base_url=f"http://{h}:{p}/v1", stats=srv.stats, _server=srv, _thread=t)
+    """Serve `backend` in a background thread; port 0 picks a free port. Returns once it listens.
+
+    `model_name`: the name clients must send as 'model' (default: the last part of the backend's
+    name, never a full path). `log`: called with one line per request (e.g. `print` to stderr).
+    Raises OSError when the address cannot be bound (e.g. the port is busy).
+    """
+    _need_serve_extra()
+    import uvicorn
+
+    name = model_name or Path(str(getattr(backend, "name", "judge"))).name or "judge"
+    stats = ServerStats()
+    batcher = MicroBatcher(backend, max_batch, batch_wait, max_queue, stats)
+    cfg = ServeConfig(model_name=name, api_key=api_key or None, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
+    app = build_app(backend, cfg, batcher, stats, wrap, log)
+    try:
+        sock = _bind(host, port)
+    except OSError:
+        batcher.stop()
+        raise
+    config = uvicorn.Config(app, http=_protocol_class(header_timeout), loop="asyncio", lifespan="off",
+                            log_config=None, log_level="warning", access_log=False, backlog=BACKLOG,
+                            timeout_keep_alive=keep_alive, timeout_graceful_shutdown=1, server_header=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="vlm-judge-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    h, p = sock.getsockname()[:2]
+    url_host = f"[{h}]" if ":" in h else h
+    return ServerHandle(f"http://{url_host}:{p}/v1", stats, name, server, thread, batcher)
 
 
 # ---- CLI ---------------------------------------------------------------------------------
 
 
-def _kv(s: str) -> tuple[str, Any]:
-    k, sep, v = s.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
-    try:
-        return k, json.loads(v)
-    except ValueError:
-        return k, v
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else --api-key-file, else $VLM_JUDGE_API_KEY (a flag is visible in `ps`)."""
+    if args.api_key:
+        return args.api_key
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`vlm-judge serve --judge NAME_OR_PATH [--backend hf|mock] [--port N]`."""
-    ap = argparse.ArgumentParser(prog="vlm-judge serve", description="Serve a judge over an OpenAI-compatible API.")
-    ap.add_argument("--judge", required=True, help="judge folder, model path or name ('mock' for a test server)")
-    ap.add_argument("--backend", default=None, help="backend to run it with (default: the judge card's, else hf)")
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
+    ap = argparse.ArgumentParser(prog="vlm-judge serve", description="Serve a judge over an OpenAI-compatible API.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--judge", required=True, help="judge folder, preset, model path or name ('mock' for a test server)")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address to bind; another than loopback serves other machines: set a key and put TLS in front")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--served-model-name", default=None, help="name clients pass as 'model' (default: --judge)")
+    ap.add_argument("--served-model-name", default=None,
+                    help="name clients pass as 'model' (default: the last part of --judge)")
     ap.add_argument("--max-batch", type=int, default=16, help="most prompts per backend call")
     ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather a batch")
-    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    ap.add_argument("--backend-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE",
-                    help="extra backend option, repeatable (VALUE parsed as JSON when it can be)")
+    ap.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 429 + Retry-After")
+    ap.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="largest request body")
+    ap.add_argument("--api-key", default=None,
+                    help=f"require 'Authorization: Bearer KEY' (visible in the process list: prefer ${API_KEY_ENV} "
+                         "or --api-key-file)")
+    ap.add_argument("--api-key-file", default=None, help="read the API key from this file")
+    ap.add_argument("--quiet", action="store_true", help="no request log lines on stderr")
+    # the judge options every command shares; a server takes generation settings from each request
+    add_judge_options(ap, generation=False, template=False)
     args = ap.parse_args(argv)
 
     from vlm_judge.backends import get_backend
+    from vlm_judge.options import ConfigError
+    from vlm_judge.presets import locate_judge
 
-    backend_name = args.backend
-    if backend_name is None:
-        card = Path(args.judge) / "vlm_judge.json"
-        backend_name = "mock" if args.judge == "mock" else (json.loads(card.read_text()).get("backend", "hf") if card.is_file() else "hf")
     try:
-        from vlm_judge.presets import locate_judge
-
+        _need_serve_extra()
+        api_key = _api_key(args)
+        opts = JudgeOptions.from_args(args)
+    except (ImportError, OSError, ValueError, ConfigError) as e:
+        print(f"vlm-judge serve: {e}", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and not api_key:
+        print(f"vlm-judge serve: WARNING: serving on {args.host} without an API key: anyone who can reach this "
+              f"port can use the judge (set ${API_KEY_ENV} or --api-key-file, and put TLS in front)",
+              file=sys.stderr)
+    urls = opts.urls_for(args.judge)
+    backend_name = opts.backend_for(args.judge, urls)
+    try:
         # a preset name loads its local weights; a name that is nothing fails here, at once
-        model = locate_judge(args.judge, backend_name).path
-        backend = get_backend(backend_name, model=model, **dict(args.backend_arg))
+        model = locate_judge(args.judge, backend_name, served=bool(urls)).path
+        backend = get_backend(backend_name, model=model, **opts.backend_kwargs(urls))
     except (ImportError, OSError, ValueError) as e:
         print(f"vlm-judge serve: cannot load judge {args.judge!r} with backend {backend_name!r}: {e}", file=sys.stderr)
         return 1
-    handle = start_server(backend, args.host, args.port, model_name=args.served_model_name or args.judge,
-                          api_key=args.api_key, max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
-    print(f"serving {args.judge!r} ({backend_name}) at {handle.base_url}  (model name {handle._server.model_name!r}; Ctrl-C stops)", flush=True)
     try:
-        while True:
-            time.sleep(3600)
+        handle = start_server(backend, args.host, args.port, model_name=args.served_model_name or Path(args.judge).name,
+                              api_key=api_key, max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000,
+                              max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
+                              log=None if args.quiet else _stderr)
+    except OSError as e:
+        print(f"vlm-judge serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"vlm-judge serve: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {handle.model_name!r} ({backend_name}) at {handle.base_url}"
+          f"{' (API key required)' if api_key else ''}; Ctrl-C stops", flush=True)
+    try:
+        while handle._thread.is_alive():
+            handle._thread.join(timeout=1.0)
     except KeyboardInterrupt:
         pass
     finally:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import threading
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ from typing import Any
 import torch
 
 from vlm_judge.backends.base import Generation, GenerationParams, Prompt
-from vlm_judge.images import load_image
+from vlm_judge.images import IMAGE_CACHE_BYTES, ByteCache, ImageError, load_image
 
 # keys of from_pretrained kwargs that also apply to the config, tokenizer and processor
 _SHARED_KW = ("gguf_file", "revision", "cache_dir", "local_files_only", "token", "trust_remote_code", "subfolder")
@@ -65,6 +63,47 @@ def _lcp(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return i
 
 
+class _Watch:
+    """Per-step bookkeeping of a batch being served: hands out rows as they finish and stops rows
+    whose client left. Used only through `generate_rows` with `on_done` or `cancelled`."""
+
+    CHECK_EVERY = 4
+    """Steps between cancellation checks (a Python call per row; the finished-row check is one
+    tensor op per step)."""
+
+    def __init__(self, backend: HFBackend, rows: list[_Row], params: GenerationParams, out: list[Generation | None],
+                 on_done: Callable[[int, Generation], None] | None, cancelled: Callable[[int], bool] | None) -> None:
+        self.backend, self.rows, self.params, self.out = backend, rows, params, out
+        self.on_done, self.cancelled = on_done, cancelled
+        self.handed = torch.zeros(len(rows), dtype=torch.bool, device=backend.device)
+        self.reported = False
+
+    def step(self, t: int, out: torch.Tensor, lengths: torch.Tensor, done: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+        """Rows to stop now (cancelled); finished rows not yet handed out are handed out."""
+        stop = torch.zeros_like(done)
+        if self.cancelled is not None and t % self.CHECK_EVERY == 0:
+            for k in (~done).nonzero().flatten().tolist():
+                r = self.rows[k]
+                if self.cancelled(r.index):
+                    stop[k] = True
+                    self.out[r.index] = Generation(text=None, error="cancelled", prompt_tokens=len(r.ids),
+                                                   completion_tokens=t + 1)
+                    self.handed[k] = True
+                    if self.on_done is not None:
+                        self.on_done(r.index, self.out[r.index])
+        if self.on_done is not None:
+            fresh = (done | stop) & ~self.handed
+            if bool(fresh.any()):
+                toks = out[:, : t + 1]
+                for k in fresh.nonzero().flatten().tolist():
+                    r = self.rows[k]
+                    self.out[r.index] = self.backend._finish(r, toks[k].tolist(), int(lengths[k]), bool(cut[k]), self.params.stop)
+                    self.handed[k] = True
+                    self.reported = True
+                    self.on_done(r.index, self.out[r.index])
+        return stop
+
+
 class HFBackend:
     """A transformers model as a judge backend (implements Backend and ScoresTokens).
 
@@ -76,6 +115,7 @@ class HFBackend:
     `prefix_reuse`: run a prefix shared by several prompts once and reuse its KV cache.
     `min_new_tokens`: suppress end-of-sequence before this many tokens (for benchmarks that need
     a fixed feedback length).
+    `image_cache_bytes`: budget of the cache of preprocessed images (pixel tensors), in bytes.
     """
 
     def __init__(
@@ -89,6 +129,7 @@ class HFBackend:
         min_prefix_tokens: int = 16,
         min_new_tokens: int = 0,
         merge_adapter: bool = True,
+        image_cache_bytes: int = IMAGE_CACHE_BYTES,
         **kw: Any,
     ) -> None:
         self.name = str(model)
@@ -97,7 +138,7 @@ class HFBackend:
         self.prefix_reuse = prefix_reuse
         self.min_prefix_tokens = min_prefix_tokens
         self.min_new_tokens = min_new_tokens
-        self._init_image_cache()
+        self._init_image_cache(image_cache_bytes)
         self._load(str(model), device, dtype, merge_adapter, kw)
 
     @classmethod
@@ -106,10 +147,11 @@ class HFBackend:
         processor (vision) or tokenizer (text); `options` as for the constructor, minus loading ones."""
         self = cls.__new__(cls)
         defaults = dict(batch_size=32, max_batch_tokens=65536, prefix_reuse=True, min_prefix_tokens=16, min_new_tokens=0)
+        cache_bytes = options.pop("image_cache_bytes", IMAGE_CACHE_BYTES)
         for k, v in {**defaults, **options}.items():
             setattr(self, k, v)
         self.name = name
-        self._init_image_cache()
+        self._init_image_cache(cache_bytes)
         self.kind = "vision" if getattr(model.config, "vision_config", None) is not None else "text"
         self.model = model.eval()
         self.dtype = model.dtype
@@ -124,12 +166,12 @@ class HFBackend:
         self._setup(model.config)
         return self
 
-    def _init_image_cache(self) -> None:
-        self._image_cache: OrderedDict[str, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
-        # room for the batch being generated and the next one being prefetched
-        self._image_cache_size = max(64, 4 * self.batch_size)
-        self._image_lock = threading.Lock()
+    def _init_image_cache(self, budget_bytes: int) -> None:
+        # preprocessed tensors by their size in bytes: the batch being generated, the next one
+        # being prefetched, and images that recur (several responses per image)
+        self._image_cache = ByteCache(budget_bytes)
         self._prefetcher: ThreadPoolExecutor | None = None
+        self._token_chars: int | None = None
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -239,23 +281,42 @@ class HFBackend:
             text = (p.system + "\n\n" if p.system else "") + p.user + "\n\n"
         return text + p.assistant_prefix
 
+    def _image_side(self) -> int | None:
+        """The largest side the image processor resizes or crops to (decoding need not go further)."""
+        ip = getattr(self.processor, "image_processor", None)
+        sides: list[int] = []
+        for attr in ("size", "crop_size", "image_grid_pinpoints"):
+            v = getattr(ip, attr, None)
+            vals = v.values() if isinstance(v, dict) else (v if isinstance(v, (list, tuple)) else [v])
+            for x in vals:
+                sides += [int(y) for y in (x if isinstance(x, (list, tuple)) else [x]) if isinstance(y, (int, float))]
+        return max(sides) if sides else None
+
     def _image(self, key: str, ref: Any) -> tuple[dict[str, torch.Tensor], int]:
-        """Pixel tensors and image-token count of one image, preprocessed once (small LRU)."""
-        with self._image_lock:
-            hit = self._image_cache.get(key)
-            if hit is not None:
-                self._image_cache.move_to_end(key)
-                return hit
-        # decoded outside the lock: the prefetch thread and the caller may work on different images
-        img = load_image(ref)
-        enc = self.processor(text=[self.image_token], images=[img], return_tensors="pt")
-        n = int((enc["input_ids"] == self.image_token_id).sum())
-        tensors = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")}
-        with self._image_lock:
-            self._image_cache[key] = (tensors, n)
-            while len(self._image_cache) > self._image_cache_size:
-                self._image_cache.popitem(last=False)
-        return tensors, n
+        """Pixel tensors and image-token count of one image, preprocessed once (cached by bytes).
+        Decoding happens outside the cache's lock: the prefetch thread and the caller may work on
+        different images at once."""
+
+        def make() -> tuple[dict[str, torch.Tensor], int]:
+            img = load_image(ref, min_side=self._image_side())
+            enc = self.processor(text=[self.image_token], images=[img], return_tensors="pt")
+            n = int((enc["input_ids"] == self.image_token_id).sum())
+            drop = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+            return {k: v for k, v in enc.items() if k not in drop}, n
+
+        def size(v: tuple[dict[str, torch.Tensor], int]) -> int:
+            return sum(t.numel() * t.element_size() for t in v[0].values())
+
+        return self._image_cache.get_or_make(key, make, size)
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (the longest vocabulary entry): a prompt of
+        C characters has at least C / max_token_chars tokens, a bound known without tokenizing."""
+        if self._token_chars is None:
+            vocab = self.tokenizer.get_vocab()
+            self._token_chars = max((len(t) for t in vocab), default=1) or 1
+        return self._token_chars
 
     def prefetch(self, prompts: Sequence[Prompt]) -> None:
         """Load and preprocess these prompts' images in a background thread (see base.Prefetches).
@@ -300,17 +361,25 @@ class HFBackend:
         ids = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
         return list(ids), pixels, n_img
 
-    def _rows(self, prompts: Sequence[Prompt], out: list[Generation | None], budget: int) -> list[_Row]:
-        """Encode each prompt; a prompt that cannot be encoded gets its error and no row."""
+    def _rows(self, prompts: Sequence[Prompt], out: list[Generation | None], budgets: int | Sequence[int]) -> list[_Row]:
+        """Encode each prompt; a prompt that cannot be encoded gets its error and no row.
+        `budgets`: tokens to generate, one for all prompts or one per prompt."""
+        if isinstance(budgets, int):
+            budgets = [budgets] * len(prompts)
         rows = []
         for i, p in enumerate(prompts):
             try:
                 ids, pixels, n_img = self._encode(p)
             except Exception as e:  # noqa: BLE001 - one bad prompt (corrupt image...) must not stop the batch
-                out[i] = Generation(text=None, error=f"{type(e).__name__}: {e}")
+                # the prompt's own fault (an undecodable image, images for a text judge): a server
+                # answers it with a 4xx (see vlm_judge.serve_batcher.CLIENT_ERROR)
+                out[i] = Generation(text=None, error=f"{type(e).__name__}: {e}",
+                                    extra={"client_error": isinstance(e, (ImageError, ValueError))})
                 continue
+            budget = budgets[i]
             if self.max_positions and len(ids) + budget > self.max_positions:
-                out[i] = Generation(text=None, error=f"prompt is {len(ids)} tokens (+{budget} to generate), over the model's {self.max_positions}-token context")
+                out[i] = Generation(text=None, error=f"prompt is {len(ids)} tokens (+{budget} to generate), over the model's {self.max_positions}-token context",
+                                    extra={"client_error": True})
                 continue
             end = 0
             if n_img:
@@ -440,13 +509,17 @@ class HFBackend:
         o = self._forward(s_ids, mask, pos, cache)
         return o.logits[:, -1], self._cache_of(o), mask, rows
 
-    def _decode(self, logits: torch.Tensor, cache: Any, mask: torch.Tensor, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generate up to max_new_tokens for the whole batch; return tokens [B, T] and lengths [B]."""
-        B, T = logits.shape[0], params.max_new_tokens
+    def _decode(self, logits: torch.Tensor, cache: Any, mask: torch.Tensor, params: GenerationParams,
+                budgets: list[int], watch: _Watch | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Generate for the whole batch, row k up to budgets[k] tokens; return tokens [B, T],
+        lengths [B] and whether each row was cut at its budget [B] (finish_reason "length")."""
+        B, T = logits.shape[0], max(budgets, default=0)
         eos = torch.tensor(self.eos_ids or [-1], device=self.device)
+        limit = torch.tensor(budgets, dtype=torch.long, device=self.device)
         out = torch.full((B, max(T, 0)), self.pad_id, dtype=torch.long, device=self.device)
-        lengths = torch.full((B,), max(T, 0), dtype=torch.long, device=self.device)
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        lengths = limit.clone()
+        done = limit <= 0
+        cut = torch.zeros(B, dtype=torch.bool, device=self.device)
         pos = (mask.sum(-1, keepdim=True) - 1)
         gen = None
         if params.temperature > 0:
@@ -465,19 +538,30 @@ class HFBackend:
             done |= just
             if params.stop and t % 8 == 7:
                 done |= self._hit_stop(out[:, : t + 1], done, params.stop, lengths, t + 1)
+            at_budget = ~done & (limit <= t + 1)
+            cut |= at_budget
+            done |= at_budget
+            if watch is not None:
+                done |= watch.step(t, out, lengths, done, cut)
             if t + 1 == T or bool(done.all()):
                 out = out[:, : t + 1]
                 break
             mask = torch.cat([mask, ones], dim=1)
             pos = pos + 1
             logits = self._forward(nxt[:, None], mask, pos, cache).logits[:, -1]
-        return out, lengths
+        return out, lengths, cut
 
     def _hit_stop(self, toks: torch.Tensor, done: torch.Tensor, stop: Sequence[str], lengths: torch.Tensor, t: int) -> torch.Tensor:
-        """Rows whose text so far contains a stop string (checked every few steps, not per token)."""
+        """Rows whose text so far contains a stop string (checked every few steps, not per token).
+
+        Each row's recent tokens are decoded once per check, not once per stop string, and only
+        the tail that can hold a stop string: the 8 new tokens plus, for the longest stop string of
+        L characters, 4 * L tokens (a token is at least one byte, a character at most four)."""
         hit = torch.zeros_like(done)
+        window = 8 + 4 * max(len(s) for s in stop)
         for k in (~done).nonzero().flatten().tolist():
-            if any(s in self.tokenizer.decode(toks[k], skip_special_tokens=True) for s in stop):
+            tail = self.tokenizer.decode(toks[k, max(0, t - window):], skip_special_tokens=True)
+            if any(s in tail for s in stop):
                 hit[k] = True
                 lengths[k] = t
         return hit
@@ -496,39 +580,91 @@ class HFBackend:
 
     # ---- public API -----------------------------------------------------------------------
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
         """One Generation per prompt, in order; a prompt that fails carries its error, the rest go on.
         The text is what the model wrote after the prompt (and after any assistant_prefix)."""
-        out: list[Generation | None] = [None] * len(prompts)
-        rows = self._rows(prompts, out, params.max_new_tokens)
+        return self.generate_rows(prompts, params)
+
+    @torch.inference_mode()
+    def generate_rows(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        budgets: Sequence[int] | None = None,
+        on_done: Callable[[int, Generation], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> list[Generation]:
+        """`generate` with what a server needs (vlm_judge.serve_batcher.RowBackend): prompt i may
+        generate up to `budgets[i]` tokens (default `params.max_new_tokens`), rows of one batch
+        finish at their own length and are handed to `on_done(i, generation)` as soon as they
+        finish (a short request in a batch with a long one is answered early), and a prompt for
+        which `cancelled(i)` turns true stops generating (its client left)."""
+        n = len(prompts)
+        budget = list(budgets) if budgets is not None else [params.max_new_tokens] * n
+        if len(budget) != n:
+            raise ValueError(f"{len(budget)} budgets for {n} prompts")
+        out: list[Generation | None] = [None] * n
+        rows = self._rows(prompts, out, budget)
+        if on_done is not None:
+            for i, g in enumerate(out):
+                if g is not None:
+                    on_done(i, g)
         for batch in self._batches(self._groups(rows)):
-            self._run_batch(batch, params, out)
+            if cancelled is not None:  # rows whose client left before their batch started
+                for g in batch:
+                    for r in g.rows:
+                        if cancelled(r.index):
+                            out[r.index] = Generation(text=None, error="cancelled")
+                            if on_done is not None:
+                                on_done(r.index, out[r.index])
+                # the members left still share the group's prefix (each keeps a suffix token)
+                batch = [_Group(kept, g.prefix_len if len(kept) > 1 else len(kept[0].ids))
+                         for g in batch if (kept := [r for r in g.rows if out[r.index] is None])]
+                if not batch:
+                    continue
+            self._run_batch(batch, params, out, budget, on_done, cancelled)
         return [g if g is not None else Generation(text=None, error="not generated") for g in out]
 
-    def _run_batch(self, batch: list[_Group], params: GenerationParams, out: list[Generation | None]) -> None:
+    def _finish(self, r: _Row, toks: list[int], length: int, cut: bool, stop: Sequence[str]) -> Generation:
+        seq = [t for t in toks[:length] if t not in self.eos_ids]
+        text = self.tokenizer.decode(seq, skip_special_tokens=True)
+        for s in stop:
+            if s in text:
+                text = text[: text.index(s)]
+        return Generation(text=text, prompt_tokens=len(r.ids), completion_tokens=length,
+                          extra={"finish_reason": "length" if cut else "stop"})
+
+    def _run_batch(self, batch: list[_Group], params: GenerationParams, out: list[Generation | None],
+                   budget: list[int], on_done: Callable[[int, Generation], None] | None = None,
+                   cancelled: Callable[[int], bool] | None = None) -> None:
+        watch = None
         try:
             logits, cache, mask, rows = self._prefill(batch)
-            toks, lengths = self._decode(logits, cache, mask, params)
+            if on_done is not None or cancelled is not None:
+                watch = _Watch(self, rows, params, out, on_done, cancelled)
+            toks, lengths, cut = self._decode(logits, cache, mask, params, [budget[r.index] for r in rows], watch)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: halve the batch, then give up per row
-            if sum(len(g.rows) for g in batch) > 1:
+            # halving helps only if no row of this batch was handed out yet (they cannot be taken back)
+            if sum(len(g.rows) for g in batch) > 1 and not (watch is not None and watch.reported):
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                half = self._split(batch)
-                for b in half:
-                    self._run_batch(b, params, out)
+                for b in self._split(batch):
+                    self._run_batch(b, params, out, budget, on_done, cancelled)
                 return
-            r = batch[0].rows[0]
-            out[r.index] = Generation(text=None, error=f"generation failed: {type(e).__name__}: {e}")
+            for g in batch:
+                for r in g.rows:
+                    if out[r.index] is None:
+                        out[r.index] = Generation(text=None, error=f"generation failed: {type(e).__name__}: {e}")
+                        if on_done is not None:
+                            on_done(r.index, out[r.index])
             return
-        toks, lengths = toks.tolist(), lengths.tolist()
+        toks, lengths, cut = toks.tolist(), lengths.tolist(), cut.tolist()
         for k, r in enumerate(rows):
-            seq = [t for t in toks[k][: lengths[k]] if t not in self.eos_ids]
-            text = self.tokenizer.decode(seq, skip_special_tokens=True)
-            for s in params.stop:
-                if s in text:
-                    text = text[: text.index(s)]
-            out[r.index] = Generation(text=text, prompt_tokens=len(r.ids), completion_tokens=lengths[k])
+            if out[r.index] is not None:  # already handed out by the watch (or cancelled)
+                continue
+            out[r.index] = self._finish(r, toks[k], lengths[k], cut[k], params.stop)
+            if on_done is not None:
+                on_done(r.index, out[r.index])
 
     @staticmethod
     def _split(batch: list[_Group]) -> list[list[_Group]]:

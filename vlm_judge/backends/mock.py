@@ -1,7 +1,9 @@
 """A deterministic backend for unit tests of the scorer logic (never for end-to-end claims).
 
 Its verdict is a hash of the prompt text, so it is reproducible and, on purpose, blind to images:
-the eval grounding probe uses it as the judge that ignores the image.
+the eval grounding probe uses it as the judge that ignores the image. It never decodes pixels
+(scoring thousands of rows with huge images costs no image memory), and it cuts its answer at
+`max_new_tokens` words with finish_reason "length", as a real model would.
 """
 
 from __future__ import annotations
@@ -40,5 +42,10 @@ class MockBackend:
             except Exception as e:  # a scripted failure stands for a backend error on this prompt
                 out.append(Generation(text=None, error=f"{type(e).__name__}: {e}"))
                 continue
-            out.append(Generation(text=text, prompt_tokens=len(p.user.split()), completion_tokens=len(text.split())))
+            words = text.split(" ")
+            cut = len(words) > params.max_new_tokens  # a word stands for a token: honour max_new_tokens
+            if cut:
+                text = " ".join(words[: params.max_new_tokens])
+            out.append(Generation(text=text, prompt_tokens=len(p.user.split()), completion_tokens=len(text.split()),
+                                  extra={"finish_reason": "length" if cut else "stop"}))
         return out

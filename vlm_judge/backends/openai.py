@@ -4,8 +4,11 @@ Standard library only (http.client + threads) so the core stays import-light. Wh
 a bare HTTP call, because judging runs tens of thousands of requests against servers that fail:
 
 - bounded concurrency (a thread pool shared by every `generate` call of this backend);
-- retries with exponential backoff and jitter on 429, 5xx, connection errors and timeouts,
-  honouring `Retry-After`; any other 4xx fails that prompt at once with the server's message;
+- one check of the server when the backend is made (GET /models): a server that does not answer
+  or refuses the key fails at once with one line (`ConfigError`), not after every row's retries;
+- retries with exponential backoff and jitter on 408, 429, 5xx, connection errors and timeouts,
+  honouring `Retry-After`; any other 4xx (400, 401, 404, 413, ...) fails that prompt at once with
+  the server's message, and is marked so that the scorer's parse-retry loop does not send it again;
 - several endpoints (`base_urls`, e.g. vLLM replicas) with least-outstanding-requests balancing
   and failover: an endpoint that fails is benched for a while and its requests go elsewhere;
 - a failed prompt becomes `Generation(text=None, error=...)`; one bad prompt never raises.
@@ -34,7 +37,11 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 from vlm_judge.backends.base import Generation, GenerationParams, Prompt
+from vlm_judge.options import ConfigError
 from vlm_judge.records import ImageRef
+
+CHECK_TIMEOUT = 10.0
+"""Seconds the up-front server check waits for each endpoint (at most the request timeout)."""
 
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -134,6 +141,8 @@ class OpenAIBackend:
     "message" adds the assistant message only (servers that continue a trailing assistant turn on
     their own, e.g. Anthropic-style); "refuse" fails such prompts (hosted APIs that reject both).
     `extra_body` is merged into every request (e.g. {"top_k": 1} or vLLM's guided decoding).
+    `check`: ask each endpoint for GET /models once, now, and raise ConfigError when none answers
+    or one refuses the API key (False: a server that is started later, or tests of the retries).
     """
 
     def __init__(
@@ -151,6 +160,7 @@ class OpenAIBackend:
         allow_image_urls: bool = False,
         prefix_mode: Literal["continue", "message", "refuse"] = "continue",
         extra_body: dict[str, Any] | None = None,
+        check: bool = True,
         **_: Any,
     ) -> None:
         urls = list(base_urls or []) + ([base_url] if base_url else [])
@@ -178,6 +188,32 @@ class OpenAIBackend:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()  # per-thread keep-alive connections, one per endpoint
+        if check:
+            self.check()
+
+    def check(self) -> None:
+        """GET /models on each endpoint: raise ConfigError (one line) when no endpoint answers at
+        all, or when one answers 401/403 (a wrong key fails every row the same way). Any other
+        answer (200, 404 from a server without the route, 5xx while warming up) counts as alive."""
+        down = []
+        for ep in self.endpoints:
+            u = urllib.parse.urlsplit(ep.url)
+            cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+            conn = cls(u.hostname or "localhost", u.port, timeout=min(self.timeout, CHECK_TIMEOUT))
+            try:
+                conn.request("GET", (u.path or "") + "/models", headers={"Authorization": f"Bearer {self.api_key}"})
+                r = conn.getresponse()
+                status, data = r.status, r.read()
+            except (OSError, http.client.HTTPException) as e:
+                down.append(f"{ep.url} ({type(e).__name__}: {e})")
+                continue
+            finally:
+                conn.close()
+            if status in (401, 403):
+                raise ConfigError(f"the server at {ep.url} refused the API key (HTTP {status}: {_server_message(data)}); "
+                                  "set OPENAI_API_KEY or api_key=")
+        if len(down) == len(self.endpoints):
+            raise ConfigError(f"no OpenAI-compatible server answers at {'; '.join(down)}")
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -276,10 +312,14 @@ class OpenAIBackend:
         try:
             body = self._body(prompt, params)
         except (OSError, ValueError, _Fatal) as e:  # unreadable image file, refused URL, ...
-            return Generation(text=None, error=f"request not sent: {e}")
+            return Generation(text=None, error=f"request not sent: {e}", extra={"client_error": True})
         resp, attempts, endpoint = self._request_with_retries(body)
-        extra = {"attempts": attempts, "endpoint": endpoint}
+        extra: dict[str, Any] = {"attempts": attempts, "endpoint": endpoint}
         if isinstance(resp, Exception):
+            # already retried here as far as it makes sense: sending it again cannot help
+            extra["retryable"] = False
+            if isinstance(resp, _Fatal):
+                extra["client_error"] = True
             return Generation(text=None, error=str(resp), extra=extra)
         try:
             choice = resp["choices"][0]
@@ -422,8 +462,8 @@ class OpenAIBackend:
                 # a proxy's HTML error page or a truncated body: the endpoint misbehaves, try again
                 raise _Retryable("malformed reply", f"not JSON from {ep.url}: {data[:200]!r}") from e
         msg = _server_message(data)
-        if status == 429:
-            raise _Retryable("HTTP 429", msg, retry_after, endpoint_fault=False)
+        if status in (408, 429):  # the server timed out waiting for us, or is busy: alive, try again
+            raise _Retryable(f"HTTP {status}", msg, retry_after, endpoint_fault=False)
         if status >= 500:
             raise _Retryable(f"HTTP {status}", f"{msg} ({ep.url})", retry_after)
         raise _Fatal(f"HTTP {status} from {ep.url}: {msg}")

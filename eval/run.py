@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlm_judge.card import default_kind
 from vlm_judge.records import JudgeRequest, Judgment
-from vlm_judge.scorer import JUDGE_CARD, Judge
+from vlm_judge.scorer import Judge
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,7 @@ def parse_judge(spec: str) -> JudgeSpec:
     for kind in ("text", "vision"):
         if spec.startswith(kind + ":"):
             return JudgeSpec(spec[len(kind) + 1 :], kind, backend)
-    kind = "vision"
-    card = Path(spec) / JUDGE_CARD
-    if card.is_file():
-        kind = json.loads(card.read_text()).get("kind", "vision")
-    return JudgeSpec(spec, kind, backend)
+    return JudgeSpec(spec, default_kind(spec), backend)
 
 
 def fingerprint(request: JudgeRequest, extra: str = "") -> str:

@@ -19,7 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from train.judge_folder import load_judge, read_card, write_card
+from train.judge_folder import base_model_of, load_judge, read_card, write_card
+from vlm_judge.card import CARD_FILE
 
 METHODS = ("linear", "ties", "dare", "dare_ties")
 
@@ -49,7 +50,8 @@ def merge_judges(
         raise ValueError(f"{len(weights)} weights for {len(judges)} judges")
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    cards = [read_card(j) for j in judges]
+    # base paths inside a judge folder are relative to it: compare and load them resolved
+    cards = [{**c, "base_model": base_model_of(j, c)} for j in judges for c in [read_card(j)]]
     _check_compatible(cards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +66,7 @@ def merge_judges(
     all_adapters = all(c.get("adapter") for c in cards)
     plain_lora = all_adapters and not any(_has_modules_to_save(j) for j in judges)
     if method == "linear" and plain_lora:
-        _merge_adapters_cat(judges, out, weights)
+        _merge_adapters_cat(judges, cards[0], out, weights)
         _copy_processor(judges[0], out)
         write_card(out, template=template, kind=cards[0]["kind"], base_model=cards[0]["base_model"],
                    adapter=True, **extra)
@@ -121,12 +123,11 @@ def _load_base_state(card: dict[str, Any]) -> dict[str, Any]:
     return cls.from_pretrained(card["base_model"]).state_dict()
 
 
-def _merge_adapters_cat(judges: list[str | Path], out: Path, weights: list[float]) -> None:
+def _merge_adapters_cat(judges: list[str | Path], card: dict[str, Any], out: Path, weights: list[float]) -> None:
     """Exact weighted sum of LoRA updates: concatenate the factors (rank = sum of ranks)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    card = read_card(judges[0])
     cls = AutoModelForImageTextToText if card["kind"] == "vision" else AutoModelForCausalLM
     base = cls.from_pretrained(card["base_model"])
     names = [f"judge{i}" for i in range(len(judges))]
@@ -147,7 +148,7 @@ def _merge_adapters_cat(judges: list[str | Path], out: Path, weights: list[float
 
 
 def _copy_processor(src: str | Path, out: Path) -> None:
-    skip = {"adapter_model.safetensors", "adapter_config.json", "vlm_judge.json", "model.safetensors",
+    skip = {"adapter_model.safetensors", "adapter_config.json", CARD_FILE, "model.safetensors",
             "config.json", "generation_config.json", "train_log.json", "recipe.yaml"}
     for f in Path(src).iterdir():
         if f.is_file() and f.name not in skip and not f.name.startswith("model-") and f.name != "README.md":

@@ -142,7 +142,12 @@ def test_saved_judge_reloads_with_identical_outputs(lora_run, data):
     with torch.no_grad():
         la, lb = before(**batch).logits, after(**batch).logits
     assert torch.equal(la, lb)
-    gen = enc.encode_prompts([__import__("vlm_judge.prompts").prompts.render(exs[0].request)])
+    from vlm_judge.chat import apply
+    from vlm_judge.images import load_image
+    from vlm_judge.prompts import render
+
+    prompt = render(exs[0].request)
+    gen = proc(text=[apply(proc, prompt)], images=[load_image(im) for im in prompt.images], return_tensors="pt")
     with torch.no_grad():
         ga = before.generate(**gen, max_new_tokens=6, do_sample=False)
         gb = after.generate(**gen, max_new_tokens=6, do_sample=False)

@@ -82,16 +82,15 @@ def test_merged_judge_scores_in_both_modes_through_judge_load(judges, sample_ima
         assert j.status in ("ok", "parse_failure") and j.raw_output, j  # it ran and wrote text
         assert j.template == "default"
 
-    # the in-training evaluator lays prompts out exactly as the hf backend does: same greedy output
-    from train.encode import Encoder
-    from train.evaluate import InMemoryBackend
+    # the in-training evaluator decodes a model in memory as the hf backend does: same greedy output
+    from vlm_judge.backends.hf import HFBackend
     from vlm_judge.prompts import render
     from vlm_judge.records import JudgeRequest, Rubric
 
     model, proc, _ = load_judge(out)
     req = JudgeRequest("What animal is this?", "A cat.", Rubric.from_dict(rubric),
                        images=(__import__("vlm_judge.images").images.resolve_image(img),))
-    mine = InMemoryBackend(model, Encoder(proc, "vision")).generate([render(req)], GenerationParams(max_new_tokens=8))
+    mine = HFBackend.from_model(model, proc).generate([render(req)], GenerationParams(max_new_tokens=8))
     theirs = judge.backend.generate([render(req)], GenerationParams(max_new_tokens=8))
     assert mine[0].text == theirs[0].text
 

@@ -37,7 +37,7 @@ def build_model(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
         LlavaProcessor,
     )
 
-    from tests.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+    from vlm_judge.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
     torch.manual_seed(seed)
     tok = build_tokenizer()

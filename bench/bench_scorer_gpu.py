@@ -34,7 +34,7 @@ def build(device: str, smoke: bool = False):
         LlavaProcessor,
     )
 
-    from tests.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+    from vlm_judge.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
     tok = build_tokenizer()
     # --smoke: the same code on a toy size, to check the script on a CPU

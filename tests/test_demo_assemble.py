@@ -133,7 +133,7 @@ def test_smollm2_truncated_copy_keeps_pretrained_weights(tmp_path) -> None:
 def _bpe_lm():
     from transformers import LlamaForCausalLM
 
-    from tests.tiny_models import _llama_config, build_tokenizer
+    from vlm_judge.tiny_models import _llama_config, build_tokenizer
 
     tok = build_tokenizer()
     cfg = _llama_config(tok, hidden=32, layers=1)

@@ -15,6 +15,7 @@ from typing import Any
 from train.data import Example
 from train.encode import Encoder
 from vlm_judge.backends.base import GenerationParams
+from vlm_judge.records import Judgment
 from vlm_judge.scorer import Judge, ScorerConfig
 
 
@@ -31,12 +32,12 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     return sxy / math.sqrt(sxx * syy)
 
 
-def evaluate(model: Any, encoder: Encoder | None, examples: Sequence[Example], batch_size: int = 8,
-             max_new_tokens: int = 256, backend: Any = None, template: str | None = None) -> dict[str, float]:
-    """Parse rate and agreement with the gold verdicts on held-out examples, greedy. `model` is
-    decoded in memory with `encoder`'s processor; `backend` replaces it (e.g. a served judge)."""
+def heldout_judgments(model: Any, encoder: Encoder | None, examples: Sequence[Example], batch_size: int = 8,
+                      max_new_tokens: int = 256, backend: Any = None, template: str | None = None) -> list[Judgment]:
+    """The judge's greedy judgments of held-out examples, one retry-free attempt each, no swap.
+    `model` is decoded in memory with `encoder`'s processor; `backend` replaces it (e.g. a served judge)."""
     if not examples:
-        return {}
+        return []
     was_training = bool(getattr(model, "training", False))
     if backend is None:
         from vlm_judge.backends.hf import HFBackend
@@ -46,10 +47,16 @@ def evaluate(model: Any, encoder: Encoder | None, examples: Sequence[Example], b
                        max_parse_retries=0, swap=False,
                        params=GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0))
     try:
-        judgments = Judge(backend, cfg).grade([ex.request for ex in examples])
+        return Judge(backend, cfg).grade([ex.request for ex in examples])
     finally:
         if was_training:  # the decoder puts the model in eval mode; training goes on after this
             model.train()
+
+
+def metrics(judgments: Sequence[Judgment], examples: Sequence[Example]) -> dict[str, float]:
+    """Parse rate and agreement with the gold verdicts (aligned lists)."""
+    if not examples:
+        return {}
     ok = [(j, ex) for j, ex in zip(judgments, examples) if j.status == "ok"]
     out: dict[str, float] = {"eval/parse_rate": len(ok) / len(examples), "eval/n": float(len(examples))}
     abs_pairs = [(float(j.score), float(ex.verdict)) for j, ex in ok if ex.request.mode == "absolute"]
@@ -60,3 +67,9 @@ def evaluate(model: Any, encoder: Encoder | None, examples: Sequence[Example], b
     if rel:
         out["eval/pair_accuracy"] = sum(a == b for a, b in rel) / len(rel)
     return out
+
+
+def evaluate(model: Any, encoder: Encoder | None, examples: Sequence[Example], batch_size: int = 8,
+             max_new_tokens: int = 256, backend: Any = None, template: str | None = None) -> dict[str, float]:
+    """Metrics of `heldout_judgments` (same arguments)."""
+    return metrics(heldout_judgments(model, encoder, examples, batch_size, max_new_tokens, backend, template), examples)

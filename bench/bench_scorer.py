@@ -1,4 +1,4 @@
-"""Scorer benchmark (issue 6): ratios measured in one run on a small random LLaVA on CPU.
+"""Scorer benchmark: ratios measured in one run on a small random LLaVA on CPU.
 
     python bench/bench_scorer.py            # about two minutes on 2 CPU cores
 

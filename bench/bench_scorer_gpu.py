@@ -1,4 +1,4 @@
-"""GPU scorer benchmark (issue 6): a LLaVA-1.5-7B-shaped judge, random bf16 weights, on one GPU.
+"""GPU scorer benchmark: a LLaVA-1.5-7B-shaped judge, random bf16 weights, on one GPU.
 
     python bench/bench_scorer_gpu.py [--groups 64] [--batch 80] [--new-tokens 256]
 

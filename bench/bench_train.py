@@ -45,13 +45,13 @@ def _cpu_name() -> str:
 def bench_cpu(steps: int, repeats: int, batch_size: int, workdir: Path) -> dict:
     import torch
 
-    from vlm_judge.tiny_models import build_tiny_llava
     from train.config import TrainConfig
     from train.data import RowContext, load_examples
     from train.debug_data import rows_for, sample_images, write_jsonl
     from train.encode import Encoder, collate
     from train.loop import train
     from train.model import load_base, prepare_for_training
+    from vlm_judge.tiny_models import build_tiny_llava
 
     base = build_tiny_llava(workdir / "tiny_llava")
     imgs = sample_images(workdir / "images")

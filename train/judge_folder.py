@@ -35,10 +35,6 @@ def write_card(out: Path, *, template: str, kind: str, base_model: str, adapter:
     return save_card(out, card)
 
 
-def read_card(folder: str | Path) -> dict[str, Any]:
-    return load_card(folder, required=True)
-
-
 def base_model_of(folder: str | Path, card: dict[str, Any]) -> str:
     """The card's base model as a loadable name (a relative path resolved against the folder)."""
     return resolve_base_model(folder, card["base_model"])
@@ -84,7 +80,7 @@ def load_judge(folder: str | Path, dtype: Any = None) -> tuple[Any, Any, dict[st
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     folder = Path(folder)
-    card = read_card(folder)
+    card = load_card(folder, required=True)
     dtype = dtype or torch.float32
     cls = AutoModelForImageTextToText if card["kind"] == "vision" else AutoModelForCausalLM
     if card.get("adapter"):

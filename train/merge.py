@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from train.judge_folder import base_model_of, load_judge, read_card, write_card
-from vlm_judge.card import CARD_FILE
+from train.judge_folder import base_model_of, load_judge, write_card
+from vlm_judge.card import CARD_FILE, load_card
 
 METHODS = ("linear", "ties", "dare", "dare_ties")
 
@@ -51,7 +51,7 @@ def merge_judges(
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
     # base paths inside a judge folder are relative to it: compare and load them resolved
-    cards = [{**c, "base_model": base_model_of(j, c)} for j in judges for c in [read_card(j)]]
+    cards = [{**c, "base_model": base_model_of(j, c)} for j in judges for c in [load_card(j, required=True)]]
     _check_compatible(cards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

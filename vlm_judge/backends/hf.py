@@ -71,8 +71,9 @@ class HFBackend:
 
     `model`: a model folder or hub name; a folder holding a peft LoRA adapter loads its base
     (`base_model` in the folder's judge card, else adapter_config's `base_model_name_or_path`; a
-    relative path is relative to the folder) and applies the adapter. Extra keyword arguments go to `from_pretrained` (e.g. `gguf_file=`,
-    `device_map="auto"` for models larger than one device, `attn_implementation=`).
+    relative path is relative to the folder) and applies the adapter. Extra keyword arguments go to
+    `from_pretrained` (e.g. `gguf_file=`, `device_map="auto"` for models larger than one device,
+    `attn_implementation=`).
     `batch_size` / `max_batch_tokens`: rows and padded tokens per forward pass.
     `prefix_reuse`: run a prefix shared by several prompts once and reuse its KV cache.
     `min_new_tokens`: suppress end-of-sequence before this many tokens (for benchmarks that need
@@ -205,6 +206,8 @@ class HFBackend:
         # transformers renamed `past_key_values` to `cache` (5.2x; the old name goes in 5.40)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    # ---- prompts -> token ids -------------------------------------------------------------
 
     def _refuse_images(self, p: Prompt) -> None:
         if p.images and self.kind != "vision":

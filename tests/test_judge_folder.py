@@ -97,3 +97,17 @@ def test_in_training_eval_equals_vlm_judge_score_with_the_saved_judge(run, tmp_p
     logged = json.loads((res.output_dir / "train_log.json").read_text())["evals"][-1]
     logged.pop("step")
     assert json.dumps(logged, sort_keys=True) == json.dumps(metrics(mine, examples), sort_keys=True)  # NaN-safe
+
+
+def test_only_existing_paths_inside_the_folder_become_relative(tmp_path, monkeypatch):
+    from train.judge_folder import relative_to_folder
+    from vlm_judge.card import resolve_base_model
+
+    (tmp_path / "_tiny_base" / "tiny-llava").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # a hub name resolved against the cwd would land inside the folder
+    assert relative_to_folder(tmp_path, str(tmp_path / "_tiny_base" / "tiny-llava")) == "_tiny_base/tiny-llava"
+    assert relative_to_folder(tmp_path, "org/model") == "org/model"
+    assert relative_to_folder(tmp_path / "work", str(tmp_path / "_tiny_base")) == str(tmp_path / "_tiny_base")
+    assert resolve_base_model(tmp_path, "_tiny_base/tiny-llava") == str(tmp_path / "_tiny_base" / "tiny-llava")
+    assert resolve_base_model(tmp_path, "org/model") == "org/model"

@@ -20,8 +20,11 @@ from vlm_judge.chat import fix_llava_processor
 
 
 def relative_to_folder(folder: str | Path, path: str) -> str:
-    """`path` relative to `folder` when it lies inside it (so the folder can move), else as given."""
+    """`path` relative to `folder` when it is an existing path inside it (so the folder can move),
+    else as given (a hub name is never a path)."""
     try:
+        if not Path(path).exists():
+            return path
         return Path(path).resolve().relative_to(Path(folder).resolve()).as_posix()
     except (ValueError, OSError):
         return path

@@ -31,6 +31,7 @@ def relative_to_folder(folder: str | Path, path: str) -> str:
 
 
 def write_card(out: Path, *, template: str, kind: str, base_model: str, adapter: bool, **extra: Any) -> dict[str, Any]:
+    """Save a trained judge's card (through vlm_judge.card) and return it."""
     card = {
         "backend": "hf", "template": template, "kind": kind, "base_model": relative_to_folder(out, base_model),
         "adapter": adapter, "version": __version__, **extra,

@@ -45,17 +45,14 @@ def free_port() -> int:
 
 def smollm2_folder(cache: Path) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder (converted from the GGUF once, then reused)."""
-    from train.assemble import load_pretrained_lm
+    from demo.assemble import load_pretrained_lm
 
     load_pretrained_lm(cache_dir=cache)
     return cache
 
 
 def tiny_llava_folder(out: Path) -> Path:
-    try:
-        from vlm_judge.tiny_models import build_tiny_llava
-    except ImportError:  # older layout
-        from tests.tiny_models import build_tiny_llava
+    from vlm_judge.tiny_models import build_tiny_llava
     return Path(build_tiny_llava(out))
 
 

@@ -1,4 +1,4 @@
-"""Scorer benchmark (issue 6): ratios measured in one run on a small random LLaVA on CPU.
+"""Scorer benchmark: ratios measured in one run on a small random LLaVA on CPU.
 
     python bench/bench_scorer.py            # about two minutes on 2 CPU cores
 
@@ -37,7 +37,7 @@ def build_model(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
         LlavaProcessor,
     )
 
-    from tests.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+    from vlm_judge.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
     torch.manual_seed(seed)
     tok = build_tokenizer()
@@ -122,6 +122,7 @@ def bare_runner(model_dir: Path, reqs: list, template: str, batch: int, new: int
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from vlm_judge.chat import apply
     from vlm_judge.images import load_image
     from vlm_judge.prompts import render
 
@@ -132,10 +133,7 @@ def bare_runner(model_dir: Path, reqs: list, template: str, batch: int, new: int
     def texts(rs: list) -> list[str]:
         out = []
         for r in rs:
-            p = render(r, template)
-            msgs = [{"role": "system", "content": [{"type": "text", "text": p.system}]}] if p.system else []
-            msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.user}]})
-            out.append(proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+            out.append(apply(proc, render(r, template)))
         return out
 
     def run(rs: list = reqs) -> None:

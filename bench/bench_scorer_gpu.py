@@ -1,4 +1,4 @@
-"""GPU scorer benchmark (issue 6): a LLaVA-1.5-7B-shaped judge, random bf16 weights, on one GPU.
+"""GPU scorer benchmark: a LLaVA-1.5-7B-shaped judge, random bf16 weights, on one GPU.
 
     python bench/bench_scorer_gpu.py [--groups 64] [--batch 80] [--new-tokens 256]
 
@@ -34,7 +34,7 @@ def build(device: str, smoke: bool = False):
         LlavaProcessor,
     )
 
-    from tests.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+    from vlm_judge.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
     tok = build_tokenizer()
     # --smoke: the same code on a toy size, to check the script on a CPU
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.bench_scorer import make_requests
     from vlm_judge.backends.base import GenerationParams
     from vlm_judge.backends.hf import HFBackend
+    from vlm_judge.chat import apply
     from vlm_judge.images import load_image
     from vlm_judge.prompts import render
     from vlm_judge.scorer import Judge, ScorerConfig
@@ -120,11 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         proc.tokenizer.padding_side = "left"
         t = time.perf_counter()
         for r in rows:
-            p = render(r, "prefix")
-            msgs = [{"role": "system", "content": [{"type": "text", "text": p.system}]},
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.user}]}]
-            enc = proc(text=proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
-                       images=[load_image(r.images[0])], return_tensors="pt").to(dev)
+            enc = proc(text=apply(proc, render(r, "prefix")), images=[load_image(r.images[0])],
+                       return_tensors="pt").to(dev)
             enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
             with torch.inference_mode():
                 model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False)

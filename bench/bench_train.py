@@ -1,6 +1,6 @@
 """Training throughput: our loop (train.loop.train on accelerate) vs a bare PyTorch loop.
 
-CPU part (always): the tiny LLaVA from tests/tiny_models.py, LoRA as in the recipes, the same
+CPU part (always): the tiny LLaVA from vlm_judge/tiny_models.py, LoRA as in the recipes, the same
 real-image rows (train/debug_data.py) and batch size in both loops. Tokens/s counts non-padding
 tokens (image tokens included). Our loop's time includes what it does that the bare loop does not:
 encoding rows on the fly (chat template, tokenizer, image preprocessing), accelerate's wrappers,
@@ -45,13 +45,13 @@ def _cpu_name() -> str:
 def bench_cpu(steps: int, repeats: int, batch_size: int, workdir: Path) -> dict:
     import torch
 
-    from tests.tiny_models import build_tiny_llava
     from train.config import TrainConfig
     from train.data import RowContext, load_examples
     from train.debug_data import rows_for, sample_images, write_jsonl
     from train.encode import Encoder, collate
     from train.loop import train
     from train.model import load_base, prepare_for_training
+    from vlm_judge.tiny_models import build_tiny_llava
 
     base = build_tiny_llava(workdir / "tiny_llava")
     imgs = sample_images(workdir / "images")

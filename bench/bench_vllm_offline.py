@@ -25,10 +25,7 @@ def save_shape(folder: Path, smoke: bool) -> Path:
     """config.json + processor of the benchmark's shape (no weights: vLLM makes dummy ones)."""
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
 
-    try:
-        from vlm_judge.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
-    except ImportError:  # older layout
-        from tests.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+    from vlm_judge.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
     tok = build_tokenizer()
     vh, vl, vheads, th, tl, theads, ti, vocab = (64, 2, 4, 128, 2, 2, 384, 512) if smoke else (1024, 24, 16, 4096, 32, 32, 11008, 32064)

@@ -14,7 +14,7 @@ from typing import Any
 from eval import metrics as M
 from eval.agreement import PRIMARY, PRIMARY_FN
 from eval.benchmarks import BenchItem
-from eval.captions import caption_bridge
+from text_judge import caption_bridge
 from vlm_judge.records import JudgeRequest, Judgment
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from eval.agreement import _clean, judge_metrics
 from eval.benchmarks import load_benchmark
-from eval.captions import bridge_source, caption_with_model
+from eval.captions import BRIDGE_SOURCE, caption_with_model
 from eval.compare import paired_tests, text_requests
 from eval.expected import expected_scores, supports_probs
 from eval.probes import PROBES, run_probe
@@ -239,6 +239,6 @@ def _evaluate(cfg: EvalConfig, bench: Any, judges: dict[str, Judge] | None, prog
     return {
         "benchmark": bench, "items": items, "judgments": results, "metrics": metrics, "paired": paired,
         "probes": probes if cfg.probes else {}, "expected": expected, "caption_source": caption_source,
-        "caption_missing": caption_missing, "bridge": bridge_source(), "notes": notes,
+        "caption_missing": caption_missing, "bridge": BRIDGE_SOURCE, "notes": notes,
         "config": asdict(cfg), "version": __version__,
     }

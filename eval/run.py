@@ -8,13 +8,13 @@ again on a re-run, and the file is locked while a run writes to it. The rules ar
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlm_judge.card import default_kind
 from vlm_judge.records import JudgeRequest, Judgment
-from vlm_judge.scorer import JUDGE_CARD, Judge
+from vlm_judge.scorer import Judge
 from vlm_judge.store import FINGERPRINT, Fingerprinter, JudgmentStore, to_judgment
 
 
@@ -43,11 +43,7 @@ def parse_judge(spec: str) -> JudgeSpec:
     for kind in ("text", "vision"):
         if spec.startswith(kind + ":"):
             return JudgeSpec(spec[len(kind) + 1 :], kind, backend)
-    kind = "vision"
-    card = Path(spec) / JUDGE_CARD
-    if card.is_file():
-        kind = json.loads(card.read_text()).get("kind", "vision")
-    return JudgeSpec(spec, kind, backend)
+    return JudgeSpec(spec, default_kind(spec), backend)
 
 
 def judge_cached(

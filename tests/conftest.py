@@ -23,14 +23,14 @@ def _torch_threads():
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory):
-    from tests.tiny_models import build_tiny_llava
+    from vlm_judge.tiny_models import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
 
 
 @pytest.fixture(scope="session")
 def tiny_text_lm_dir(tmp_path_factory):
-    from tests.tiny_models import build_tiny_text_lm
+    from vlm_judge.tiny_models import build_tiny_text_lm
 
     return build_tiny_text_lm(tmp_path_factory.mktemp("tiny_text_lm"))
 

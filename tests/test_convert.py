@@ -21,11 +21,7 @@ import torch.nn.functional as F
 
 from vlm_judge.convert import VICUNA_V1_SYSTEM, ConvertError, convert
 from vlm_judge.presets import PRESET_DIR_ENV, JudgeNotFound, locate_judge
-
-try:  # the builder is moving into the package; either home works
-    from vlm_judge.tiny_models import _CORPUS, _llama_config
-except ImportError:
-    from tests.tiny_models import _CORPUS, _llama_config
+from vlm_judge.tiny_models import _CORPUS, _llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE, PATCH = 32, 8

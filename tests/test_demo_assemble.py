@@ -1,10 +1,10 @@
-"""Assembling a LLaVA judge from a text LM and a small vision tower (train/assemble.py)."""
+"""Assembling a LLaVA judge from a text LM and a small vision tower (demo/assemble.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from train.assemble import (
+from demo.assemble import (
     VisionSpec,
     assemble_llava,
     build_image_processor,
@@ -119,7 +119,7 @@ def test_smollm2_truncated_copy_keeps_pretrained_weights(tmp_path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train.assemble import load_pretrained_lm
+    from demo.assemble import load_pretrained_lm
 
     loaded = load_pretrained_lm(2)
     assert loaded.layers_kept == 2 and loaded.layers_total == 30
@@ -133,7 +133,7 @@ def test_smollm2_truncated_copy_keeps_pretrained_weights(tmp_path) -> None:
 def _bpe_lm():
     from transformers import LlamaForCausalLM
 
-    from tests.tiny_models import _llama_config, build_tokenizer
+    from vlm_judge.tiny_models import _llama_config, build_tokenizer
 
     tok = build_tokenizer()
     cfg = _llama_config(tok, hidden=32, layers=1)
@@ -144,7 +144,7 @@ def _bpe_lm():
 def test_trim_vocabulary_keeps_tokens_and_logits() -> None:
     import torch
 
-    from train.assemble import trim_vocabulary
+    from demo.assemble import trim_vocabulary
 
     model, tok = _bpe_lm()
     texts = TEXTS[:3]
@@ -173,7 +173,7 @@ def test_trim_vocabulary_keeps_tokens_and_logits() -> None:
 def test_calibrated_projector_matches_word_embedding_size() -> None:
     import torch
 
-    from train.assemble import calibrate_projector
+    from demo.assemble import calibrate_projector
 
     tok = build_word_tokenizer(TEXTS)
     lm = build_tiny_lm(tok, hidden=32, layers=1)
@@ -203,7 +203,7 @@ def test_smollm2_trimmed_logits_match(tmp_path) -> None:
     """On the real SmolLM2 weights: trimming keeps the logits of the demo's words."""
     import torch
 
-    from train.assemble import load_pretrained_lm, trim_vocabulary
+    from demo.assemble import load_pretrained_lm, trim_vocabulary
 
     loaded = load_pretrained_lm(1, cache_dir=tmp_path / "lm")
     text = "Answer black, image black: right. Size small, image large: wrong. So the overall score is 3."

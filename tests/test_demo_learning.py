@@ -1,6 +1,6 @@
 """The learning proof: training teaches a judge to use the image.
 
-The demo pipeline (eval/demo.py) end to end at CI size: easy-vqa data through the answer-grounded
+The demo pipeline (demo/run.py) end to end at CI size: easy-vqa data through the answer-grounded
 teacher, a vision judge, a blind text judge and a caption text judge trained with train.loop, all
 three graded on held-out test images through the shared scorer and eval's metrics. The responses'
 text does not reveal their scores, so only a judge that sees the image (or a caption stating what
@@ -27,7 +27,7 @@ def _headline(summary: dict) -> dict:
 
 
 def test_vision_judge_learns_to_look_at_the_image(tmp_path) -> None:
-    from eval.demo import DemoConfig, Progress, run_demo
+    from demo.run import DemoConfig, Progress, run_demo
 
     cfg = DemoConfig.tiny(out=str(tmp_path / "demo"), seed=int(os.environ.get("DEMO_SEED", "0")))
     summary = run_demo(cfg, Progress(quiet=True))
@@ -53,7 +53,7 @@ def test_vision_judge_learns_to_look_at_the_image(tmp_path) -> None:
 @pytest.mark.slow
 def test_demo_on_smollm2(tmp_path) -> None:
     """The real `vlm-judge demo` on SmolLM2 weights (~10 minutes on two cores)."""
-    from eval.demo import main
+    from demo.run import main
 
     out = tmp_path / "demo"
     assert main(["--out", str(out)]) == 0

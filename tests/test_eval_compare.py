@@ -9,11 +9,12 @@ import pytest
 
 from eval.agreement import judge_metrics
 from eval.benchmarks import load_benchmark
-from eval.captions import bridge_source, caption_with_model
+from eval.captions import caption_with_model
 from eval.compare import paired_tests, side_by_side, text_requests
 from eval.expected import continuation, expected_scores
 from eval.pipeline import EvalConfig, run_eval
 from tests.test_eval_probes import ImageAwareBackend, write_bench
+from text_judge import bridge_instruction
 from vlm_judge.backends import Generation, GenerationParams, Prompt
 from vlm_judge.backends.mock import MockBackend
 from vlm_judge.records import Judgment
@@ -29,7 +30,8 @@ def test_text_requests_carry_caption_not_image(tmp_path, sample_images):
     bench = load_benchmark(write_bench(tmp_path, sample_images, rows=4), format="visit")
     bench.items[1].caption = None  # this item has no caption: the text judge must not judge it blind
     reqs, missing = text_requests(bench.items)
-    assert bridge_source() == "text_judge.caption_bridge"  # the text judge's own layout, not a copy
+    # the text judge's own layout, not a copy
+    assert reqs[0].instruction == bridge_instruction(bench.items[0].request.instruction, ["A photo of astronaut."])
     assert reqs[0].instruction.startswith("Image description: A photo of astronaut.\n\n")
     assert reqs[0].images == () and "A photo of astronaut." in reqs[0].instruction
     assert bench.items[0].request.instruction in reqs[0].instruction

@@ -142,7 +142,7 @@ def test_lora_adapter_folder_loads_base_and_adapter(tiny_llava_dir, llava, sampl
 
 
 def test_llava_processor_with_unset_fields_is_fixed_from_the_config(tiny_llava_dir, llava, sample_images, tmp_path):
-    """llava-1.5 conversions may ship a processor without patch_size etc. (design.md pitfalls)."""
+    """llava-1.5 conversions may ship a processor without patch_size etc. (transformers 5.x)."""
     folder = tmp_path / "unset"
     shutil.copytree(tiny_llava_dir, folder)
     pc = folder / "processor_config.json"

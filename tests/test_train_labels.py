@@ -120,7 +120,7 @@ def test_processor_settings_filled_from_the_model_config(tiny_llava_dir, sample_
     from PIL import Image
     from transformers import AutoConfig, AutoProcessor
 
-    from train.model import fix_processor
+    from vlm_judge.chat import fix_llava_processor as fix_processor
 
     proc = AutoProcessor.from_pretrained(str(tiny_llava_dir))
     proc.patch_size = proc.vision_feature_select_strategy = proc.num_additional_image_tokens = None

@@ -11,8 +11,9 @@ pytest.importorskip("peft")
 
 from train.config import TrainConfig  # noqa: E402
 from train.debug_data import rows_for, write_jsonl  # noqa: E402
-from train.judge_folder import load_judge, read_card  # noqa: E402
+from train.judge_folder import load_judge  # noqa: E402
 from train.loop import train  # noqa: E402
+from vlm_judge.card import load_card  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -104,7 +105,7 @@ def test_eval_runs_through_the_scorer(lora_run):
 def test_judge_folder_contents(lora_run, tiny_llava_dir):
     cfg, res = lora_run
     out = res.output_dir
-    card = read_card(out)
+    card = load_card(out, required=True)
     assert card["backend"] == "hf" and card["kind"] == "vision" and card["adapter"] is True
     assert card["template"] == "default" and card["version"] and card["base_model"] == str(tiny_llava_dir.resolve())
     for f in ("adapter_model.safetensors", "adapter_config.json", "processor_config.json", "recipe.yaml"):
@@ -142,7 +143,12 @@ def test_saved_judge_reloads_with_identical_outputs(lora_run, data):
     with torch.no_grad():
         la, lb = before(**batch).logits, after(**batch).logits
     assert torch.equal(la, lb)
-    gen = enc.encode_prompts([__import__("vlm_judge.prompts").prompts.render(exs[0].request)])
+    from vlm_judge.chat import apply
+    from vlm_judge.images import load_image
+    from vlm_judge.prompts import render
+
+    prompt = render(exs[0].request)
+    gen = proc(text=[apply(proc, prompt)], images=[load_image(im) for im in prompt.images], return_tensors="pt")
     with torch.no_grad():
         ga = before.generate(**gen, max_new_tokens=6, do_sample=False)
         gb = after.generate(**gen, max_new_tokens=6, do_sample=False)
@@ -202,7 +208,7 @@ def test_text_judge_trains_on_pairs_and_scores(tiny_text_lm_dir, tmp_path):
                       max_steps=3, per_device_batch_size=2, lr=1e-2, precision="fp32", tensorboard=False)
     res = train(cfg)
     assert res.report.examples == len(absolute) + 2 * len(pairs)  # pairs in both orders
-    card = read_card(res.output_dir)
+    card = load_card(res.output_dir, required=True)
     assert card["kind"] == "text" and card["adapter"] is True
     pytest.importorskip("vlm_judge.backends.hf")
     from vlm_judge.backends.base import GenerationParams

@@ -11,9 +11,10 @@ pytest.importorskip("peft")
 
 from train.config import TrainConfig  # noqa: E402
 from train.debug_data import rows_for, write_jsonl  # noqa: E402
-from train.judge_folder import load_judge, read_card  # noqa: E402
+from train.judge_folder import load_judge  # noqa: E402
 from train.loop import train  # noqa: E402
 from train.merge import merge_judges  # noqa: E402
+from vlm_judge.card import load_card  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +53,7 @@ def _deltas(folder) -> dict[str, torch.Tensor]:
 
 def test_linear_merge_of_adapters_is_the_exact_weighted_sum(judges):
     out = merge_judges([judges["absolute"], judges["relative"]], judges["dir"] / "merged", weights=[0.7, 0.3])
-    card = read_card(out)
+    card = load_card(out, required=True)
     assert card["adapter"] is True and card["merge_method"] == "linear" and card["kind"] == "vision"
     da, dr, dm = _deltas(judges["absolute"]), _deltas(judges["relative"]), _deltas(out)
     assert set(dm) == set(da) and dm
@@ -82,16 +83,15 @@ def test_merged_judge_scores_in_both_modes_through_judge_load(judges, sample_ima
         assert j.status in ("ok", "parse_failure") and j.raw_output, j  # it ran and wrote text
         assert j.template == "default"
 
-    # the in-training evaluator lays prompts out exactly as the hf backend does: same greedy output
-    from train.encode import Encoder
-    from train.evaluate import InMemoryBackend
+    # the in-training evaluator decodes a model in memory as the hf backend does: same greedy output
+    from vlm_judge.backends.hf import HFBackend
     from vlm_judge.prompts import render
     from vlm_judge.records import JudgeRequest, Rubric
 
     model, proc, _ = load_judge(out)
     req = JudgeRequest("What animal is this?", "A cat.", Rubric.from_dict(rubric),
                        images=(__import__("vlm_judge.images").images.resolve_image(img),))
-    mine = InMemoryBackend(model, Encoder(proc, "vision")).generate([render(req)], GenerationParams(max_new_tokens=8))
+    mine = HFBackend.from_model(model, proc).generate([render(req)], GenerationParams(max_new_tokens=8))
     theirs = judge.backend.generate([render(req)], GenerationParams(max_new_tokens=8))
     assert mine[0].text == theirs[0].text
 
@@ -100,7 +100,7 @@ def test_ties_merge_gives_loadable_full_weights(judges, tiny_llava_dir):
     from transformers import AutoModelForImageTextToText
 
     out = merge_judges([judges["absolute"], judges["relative"]], judges["dir"] / "ties", method="ties", density=0.5)
-    card = read_card(out)
+    card = load_card(out, required=True)
     assert card["adapter"] is False and card["merge_method"] == "ties" and card["merge_density"] == 0.5
     model, _, _ = load_judge(out)
     base = AutoModelForImageTextToText.from_pretrained(str(tiny_llava_dir)).state_dict()

@@ -31,7 +31,7 @@ NEW = 48
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     pytest.importorskip("gguf")
-    from train.assemble import load_pretrained_lm
+    from demo.assemble import load_pretrained_lm
 
     out = tmp_path_factory.mktemp("smollm2")
     load_pretrained_lm(cache_dir=out)

@@ -1,7 +1,7 @@
 """Examples -> token ids and labels, with the loss on the target only.
 
-The prompt is rendered by `vlm_judge.prompts.render` and laid out with the model's chat template
-exactly as a judge is prompted at scoring time (`chat_messages`, then the generation prompt).
+The prompt is rendered by `vlm_judge.prompts.render` and laid out by `vlm_judge.chat` exactly as a
+judge is prompted at scoring time (chat template, then the generation prompt).
 The whole conversation (prompt + target) is tokenized once, so the target's tokens are the ones
 the model would produce after the generation prompt; the prompt's tokens (image tokens included),
 and later the padding, get label -100.
@@ -14,26 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from train.data import Example, RowError
+from vlm_judge import chat
 from vlm_judge.backends.base import Prompt
 from vlm_judge.images import load_image
 from vlm_judge.prompts import render
 
 IGNORE = -100
-
-
-def chat_messages(prompt: Prompt, vision: bool, use_system: bool = True) -> list[dict[str, Any]]:
-    """The chat turns for a rendered prompt: the template's system turn, then the user turn with the
-    images first (LLaVA places `<image>` before the text). The same layout as the hf backend's
-    (vlm_judge/backends/hf.py `_chat_text`), so a judge is trained on the prompts it is scored with."""
-    msgs: list[dict[str, Any]] = []
-    if use_system and prompt.system:
-        msgs.append({"role": "system", "content": [{"type": "text", "text": prompt.system}] if vision else prompt.system})
-    if vision:
-        content = [{"type": "image"} for _ in prompt.images] + [{"type": "text", "text": prompt.user}]
-        msgs.append({"role": "user", "content": content})
-    else:
-        msgs.append({"role": "user", "content": prompt.user})
-    return msgs
 
 
 @dataclass
@@ -62,13 +48,10 @@ class Encoder:
 
     # -- text layout --------------------------------------------------------------------------
 
-    def _chat(self, msgs: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        owner = self.processor if self.kind == "vision" else self.tokenizer
-        return owner.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
-
     def prompt_text(self, prompt: Prompt) -> str:
-        """The prompt as the judge sees it at scoring time (chat template + generation prompt)."""
-        return self._chat(chat_messages(prompt, self.kind == "vision", self.use_system), True)
+        """The prompt as the judge sees it at scoring time (`vlm_judge.chat`: chat template +
+        generation prompt)."""
+        return chat.apply(self.processor, prompt, vision=self.kind == "vision", use_system=self.use_system)
 
     def _add_special(self, text: str) -> bool:
         # a chat template that writes BOS itself must not get a second one from the tokenizer
@@ -81,10 +64,9 @@ class Encoder:
         """(rendered prompt, prompt text, prompt + target text, whether the tokenizer adds specials)."""
         prompt = render(ex.request, self.template)
         vision = self.kind == "vision"
-        msgs = chat_messages(prompt, vision, self.use_system)
-        prompt_text = self._chat(msgs, True)
-        answer = [{"type": "text", "text": ex.target}] if vision else ex.target
-        full_text = self._chat(msgs + [{"role": "assistant", "content": answer}], False)
+        prompt_text = self.prompt_text(prompt)
+        msgs = chat.messages(prompt, vision, self.use_system) + [chat.assistant(ex.target, vision)]
+        full_text = chat.render_chat(self.processor, msgs, False)
         if not full_text.startswith(prompt_text):
             # templates whose assistant turn does not extend the generation prompt: append by hand
             full_text = prompt_text + ex.target + (self.tokenizer.eos_token or "")
@@ -142,17 +124,6 @@ class Encoder:
         if self.image_token_id is not None:
             labels = [IGNORE if t == self.image_token_id else lab for t, lab in zip(ids, labels)]
         return Encoded(ids, labels, extra)
-
-    def encode_prompts(self, prompts: Sequence[Prompt]) -> dict[str, Any]:
-        """A left-padded generation batch for rendered prompts (used by in-training evaluation)."""
-        texts = [self.prompt_text(p) for p in prompts]
-        add_special = self._add_special(texts[0]) if texts else True
-        self.tokenizer.padding_side = "left"
-        if self.kind == "vision" and any(p.images for p in prompts):
-            images = [load_image(im) for p in prompts for im in p.images]
-            return dict(self.processor(text=texts, images=images, return_tensors="pt", padding=True,
-                                       add_special_tokens=add_special))
-        return dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special))
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """The judge folder a training run writes, and how to load it back.
 
 A judge folder holds the weights (a LoRA adapter or full weights), the processor/tokenizer, the
-resolved recipe (`recipe.yaml`), and the card `vlm_judge.json` that `vlm_judge.scorer.Judge.load`
-reads: {"backend": "hf", "template", "kind", "base_model", "adapter", "version", ...}.
+resolved recipe (`recipe.yaml`), and the judge card (`vlm_judge.card`) that
+`vlm_judge.scorer.Judge.load` reads: {"backend": "hf", "template", "kind", "base_model", "adapter",
+"version", ...}. A base model stored inside the folder (a tiny base built for the run) is written
+as a path relative to the folder, in the card and in `adapter_config.json`, so the folder can be
+moved or copied as a whole.
 """
 
 from __future__ import annotations
@@ -12,23 +15,45 @@ from pathlib import Path
 from typing import Any
 
 from vlm_judge import __version__
-from vlm_judge.scorer import JUDGE_CARD
+from vlm_judge.card import CARD_FILE, load_card, resolve_base_model, save_card
+from vlm_judge.chat import fix_llava_processor
+
+
+def relative_to_folder(folder: str | Path, path: str) -> str:
+    """`path` relative to `folder` when it is an existing path inside it (so the folder can move),
+    else as given (a hub name is never a path)."""
+    try:
+        if not Path(path).exists():
+            return path
+        return Path(path).resolve().relative_to(Path(folder).resolve()).as_posix()
+    except (ValueError, OSError):
+        return path
 
 
 def write_card(out: Path, *, template: str, kind: str, base_model: str, adapter: bool, **extra: Any) -> dict[str, Any]:
+    """Save a trained judge's card (through vlm_judge.card) and return it."""
     card = {
-        "backend": "hf", "template": template, "kind": kind, "base_model": base_model,
+        "backend": "hf", "template": template, "kind": kind, "base_model": relative_to_folder(out, base_model),
         "adapter": adapter, "version": __version__, **extra,
     }
-    (out / JUDGE_CARD).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    return card
+    return save_card(out, card)
 
 
-def read_card(folder: str | Path) -> dict[str, Any]:
-    p = Path(folder) / JUDGE_CARD
+def base_model_of(folder: str | Path, card: dict[str, Any]) -> str:
+    """The card's base model as a loadable name (a relative path resolved against the folder)."""
+    return resolve_base_model(folder, card["base_model"])
+
+
+def _relative_adapter_base(out: Path) -> None:
+    """peft writes the base's absolute path into adapter_config.json; store it relative when inside."""
+    p = out / "adapter_config.json"
     if not p.is_file():
-        raise FileNotFoundError(f"{folder} is not a judge folder: no {JUDGE_CARD}")
-    return json.loads(p.read_text(encoding="utf-8"))
+        return
+    acfg = json.loads(p.read_text(encoding="utf-8"))
+    base = acfg.get("base_model_name_or_path")
+    if base and relative_to_folder(out, base) != base:
+        acfg["base_model_name_or_path"] = relative_to_folder(out, base)
+        p.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def save_judge(model: Any, processor: Any, out: str | Path, cfg: Any, base_model: str,
@@ -43,6 +68,7 @@ def save_judge(model: Any, processor: Any, out: str | Path, cfg: Any, base_model
         is_peft = False
         state_dict = None
     model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
+    _relative_adapter_base(out)
     processor.save_pretrained(out)
     if cfg is not None:
         cfg.save(out / "recipe.yaml")
@@ -57,21 +83,19 @@ def load_judge(folder: str | Path, dtype: Any = None) -> tuple[Any, Any, dict[st
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-    from train.model import fix_processor
-
     folder = Path(folder)
-    card = read_card(folder)
+    card = load_card(folder, required=True)
     dtype = dtype or torch.float32
     cls = AutoModelForImageTextToText if card["kind"] == "vision" else AutoModelForCausalLM
     if card.get("adapter"):
         from peft import PeftModel
 
-        base = cls.from_pretrained(card["base_model"], dtype=dtype)
+        base = cls.from_pretrained(base_model_of(folder, card), dtype=dtype)
         model = PeftModel.from_pretrained(base, str(folder))
     else:
         model = cls.from_pretrained(str(folder), dtype=dtype)
     if card["kind"] == "vision":
-        proc = fix_processor(AutoProcessor.from_pretrained(str(folder)), model.config)
+        proc = fix_llava_processor(AutoProcessor.from_pretrained(str(folder)), model.config)
     else:
         proc = AutoTokenizer.from_pretrained(str(folder))
     model.eval()
@@ -121,7 +145,7 @@ def write_readme(out: str | Path, cfg: Any, base_model: str, *, steps: int, eval
                                                                                           key=lambda kv: -kv[1])]]
     lines += [
         "", "## Prompt template", "",
-        f"`{cfg.template}` (vlm_judge.prompts; recorded in `{JUDGE_CARD}`, so the scorer renders the same prompt "
+        f"`{cfg.template}` (vlm_judge.prompts; recorded in `{CARD_FILE}`, so the scorer renders the same prompt "
         "the judge was trained on).",
         "", "## Training", "",
         f"{steps} optimizer steps; lr {cfg.lr:g} ({cfg.lr_schedule}, {cfg.warmup_steps} warmup steps), "

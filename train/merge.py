@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from train.judge_folder import load_judge, read_card, write_card
+from train.judge_folder import base_model_of, load_judge, write_card
+from vlm_judge.card import CARD_FILE, load_card
 
 METHODS = ("linear", "ties", "dare", "dare_ties")
 
@@ -64,7 +65,8 @@ def merge_judges(
         raise ValueError(f"density must be in (0, 1], got {density}")
     for j in judges:
         check_no_outside_links(j)
-    cards = [read_card(j) for j in judges]
+    # base paths inside a judge folder are relative to it: compare and load them resolved
+    cards = [{**c, "base_model": base_model_of(j, c)} for j in judges for c in [load_card(j, required=True)]]
     _check_compatible(cards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,7 @@ def merge_judges(
     all_adapters = all(c.get("adapter") for c in cards)
     plain_lora = all_adapters and not any(_has_modules_to_save(j) for j in judges)
     if method == "linear" and plain_lora:
-        _merge_adapters_cat(judges, out, weights)
+        _merge_adapters_cat(judges, cards[0], out, weights)
         _copy_processor(judges[0], out)
         write_card(out, template=template, kind=cards[0]["kind"], base_model=cards[0]["base_model"],
                    adapter=True, **extra)
@@ -136,12 +138,11 @@ def _load_base_state(card: dict[str, Any]) -> dict[str, Any]:
     return cls.from_pretrained(card["base_model"]).state_dict()
 
 
-def _merge_adapters_cat(judges: list[str | Path], out: Path, weights: list[float]) -> None:
+def _merge_adapters_cat(judges: list[str | Path], card: dict[str, Any], out: Path, weights: list[float]) -> None:
     """Exact weighted sum of LoRA updates: concatenate the factors (rank = sum of ranks)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    card = read_card(judges[0])
     cls = AutoModelForImageTextToText if card["kind"] == "vision" else AutoModelForCausalLM
     base = cls.from_pretrained(card["base_model"])
     names = [f"judge{i}" for i in range(len(judges))]
@@ -162,7 +163,7 @@ def _merge_adapters_cat(judges: list[str | Path], out: Path, weights: list[float
 
 
 def _copy_processor(src: str | Path, out: Path) -> None:
-    skip = {"adapter_model.safetensors", "adapter_config.json", "vlm_judge.json", "model.safetensors",
+    skip = {"adapter_model.safetensors", "adapter_config.json", CARD_FILE, "model.safetensors",
             "config.json", "generation_config.json", "train_log.json", "recipe.yaml"}
     for f in Path(src).iterdir():
         if f.is_file() and not f.is_symlink() and f.name not in skip and not f.name.startswith("model-") and f.name != "README.md":
@@ -182,7 +183,7 @@ def main(argv: list[str]) -> int:
     try:
         weights = [float(x) for x in a.weights.split(",")] if a.weights else None
         for j in a.judges:
-            read_card(j)  # a wrong path is one line, before any model loads
+            load_card(j, required=True)  # a wrong path is one line, before any model loads
         out = merge_judges(a.judges, a.out, weights, a.method, a.density, a.seed, a.template)
     except (ValueError, FileNotFoundError) as e:
         print(f"vlm-judge train merge: {e}", file=sys.stderr)

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from vlm_judge.chat import fix_llava_processor
+
 log = logging.getLogger("vlm_judge.train")
 
 TINY_BASES = ("tiny:llava", "tiny:text")
@@ -22,28 +24,12 @@ def resolve_base(base_model: str, cache_dir: str | Path) -> str:
     """A model folder or name; 'tiny:llava' / 'tiny:text' are built offline once into cache_dir."""
     if base_model not in TINY_BASES:
         return base_model
-    from tests.tiny_models import build_tiny_llava, build_tiny_text_lm
+    from vlm_judge.tiny_models import build_tiny_llava, build_tiny_text_lm
 
     out = Path(cache_dir) / base_model.replace(":", "-")
     if not (out / "config.json").is_file():
         (build_tiny_llava if base_model == "tiny:llava" else build_tiny_text_lm)(out)
     return str(out)
-
-
-def fix_processor(processor: Any, config: Any) -> Any:
-    """Fill LlavaProcessor settings that llava-1.5 checkpoints may leave unset in transformers 5.x,
-    from the model config; without them an image does not expand to its 576 tokens."""
-    vc = getattr(config, "vision_config", None)
-    if vc is None:
-        return processor
-    if getattr(processor, "patch_size", "missing") is None:
-        processor.patch_size = vc.patch_size
-    if getattr(processor, "vision_feature_select_strategy", "missing") is None:
-        processor.vision_feature_select_strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if getattr(processor, "num_additional_image_tokens", "missing") is None:
-        # CLIP prepends a CLS token; 'default' selection drops it, so one extra position
-        processor.num_additional_image_tokens = 1
-    return processor
 
 
 def load_base(path: str, kind: str, dtype: Any = None, chat_template: str | None = None) -> tuple[Any, Any]:
@@ -54,7 +40,7 @@ def load_base(path: str, kind: str, dtype: Any = None, chat_template: str | None
     dtype = dtype or torch.float32
     if kind == "vision":
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-        proc = fix_processor(AutoProcessor.from_pretrained(path), model.config)
+        proc = fix_llava_processor(AutoProcessor.from_pretrained(path), model.config)
         tok = proc.tokenizer
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -64,12 +64,12 @@ def resolve_base_model(folder: str | Path, base: str | None) -> str | None:
 
 
 def default_backend(name_or_path: str, card: dict[str, Any] | None = None, base_urls: bool = False) -> str:
-    """The backend used when none is named: 'mock' for 'mock', 'openai' when a server URL is
-    given, else the card's, else 'hf'."""
-    if name_or_path == "mock":
-        return "mock"
+    """The backend used when none is named: 'openai' when a server URL is given (also for the
+    name 'mock': a served mock is tested that way), 'mock' for 'mock', else the card's, else 'hf'."""
     if base_urls:
         return "openai"
+    if name_or_path == "mock":
+        return "mock"
     card = load_card(name_or_path) if card is None else card
     return str(card.get("backend", "hf"))
 

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("perception_collection.cli:main", "build Perception-Collection-style judge data"),
     "train": ("train.cli:main", "fine-tune a vision or text judge from a recipe"),
     "eval": ("eval.cli:main", "meta-evaluate judges on a benchmark and write a report"),
-    "demo": ("eval.demo:main", "run the whole loop offline on a laptop (needs the [demo] extra)"),
+    "demo": ("demo.run:main", "run the whole loop offline on a laptop (needs the [demo] extra)"),
     "serve": ("vlm_judge.serve:main", "serve a judge over an OpenAI-compatible HTTP API"),
     "convert": ("vlm_judge.convert:main", "turn an original LLaVA checkpoint (Prometheus-Vision) into a judge folder"),
 }

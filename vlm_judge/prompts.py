@@ -98,7 +98,7 @@ class JudgeTemplate:
 
 def _sections(relative: bool, ref: bool, response_last: bool) -> str:
     """The Prometheus section order; `response_last` moves the response(s) after everything the
-    graded responses to one instruction share, so that prefix is computed once (issue 6)."""
+    graded responses to one instruction share, so that prefix is computed once."""
     if relative:
         resp = "###Response A:\n{response_a}\n\n###Response B:\n{response_b}\n\n"
         ref_s = "###Reference Answer:\n{reference_answer}\n\n" if ref else ""

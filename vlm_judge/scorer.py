@@ -8,14 +8,12 @@ n samples per request with mean/majority aggregation, and seeds for reproducibil
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
-from vlm_judge import __version__
+from vlm_judge import __version__, card
 from vlm_judge.backends import Backend, Generation, GenerationParams, get_backend
 from vlm_judge.images import resolve_image
 from vlm_judge.parse import parse_output
@@ -23,8 +21,8 @@ from vlm_judge.presets import locate_judge
 from vlm_judge.prompts import JudgeTemplate, get_template, render, swapped
 from vlm_judge.records import JudgeRequest, Judgment, RecordError, Rubric, Verdict
 
-JUDGE_CARD = "vlm_judge.json"
-"""File in a judge folder naming its backend, template and kind; written by `train`."""
+JUDGE_CARD = card.CARD_FILE
+"""File in a judge folder naming its backend, template and kind (read and written by vlm_judge.card)."""
 
 
 @dataclass
@@ -134,18 +132,11 @@ class Judge:
         name_or_path = located.path
         if config is None and located.template:
             config = ScorerConfig(template=located.template)
-        card: dict[str, Any] = {}
-        card_path = Path(name_or_path) / JUDGE_CARD
-        if card_path.is_file():
-            card = json.loads(card_path.read_text())
+        judge_card = card.load_card(name_or_path)
         if backend is None:
-            if name_or_path == "mock":
-                backend = "mock"
-            elif backend_kwargs.get("base_url") or backend_kwargs.get("base_urls"):
-                backend = "openai"
-            else:
-                backend = card.get("backend", "hf")
-        config = config or ScorerConfig(template=card.get("template", "default"))
+            served = bool(backend_kwargs.get("base_url") or backend_kwargs.get("base_urls"))
+            backend = card.default_backend(name_or_path, judge_card, base_urls=served)
+        config = config or ScorerConfig(template=judge_card.get("template", "default"))
         # every backend takes the model as `model`; the mock also records it as its name
         be = get_backend(backend, model=name_or_path, **backend_kwargs)
         return cls(be, config, name=located.name)

@@ -1,13 +1,13 @@
 """The transformers backend: vision judges (LLaVA family) and text judges, batched, on GPU or CPU.
 
 How a call runs:
-1. Each prompt is rendered with the model's chat template (images as `{"type": "image"}` parts
-   before the text, then the generation prompt, then `Prompt.assistant_prefix`) and tokenized with
+1. Each prompt is laid out by `vlm_judge.chat` (images as `{"type": "image"}` parts before the
+   text, then the generation prompt, then `Prompt.assistant_prefix`) and tokenized with
    its image placeholders expanded. Each distinct image is decoded and preprocessed once.
 2. Prompts are grouped by shared token prefix (same images, same leading tokens: with the 'prefix'
    template that is image + instruction + reference + rubric). Each group's prefix runs once, its
-   KV cache is copied along the batch for the members, and only the suffixes run per member
-   (issue 6). Rows are packed into batches by length under a token cap.
+   KV cache is copied along the batch for the members, and only the suffixes run per member.
+   Rows are packed into batches by length under a token cap.
 3. A plain decode loop over the whole batch (greedy or seeded sampling, EOS and stop strings,
    no per-row Python work per token) writes the completions.
 
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from vlm_judge import card, chat
 from vlm_judge.backends.base import Generation, GenerationParams, Prompt
 from vlm_judge.images import IMAGE_CACHE_BYTES, ByteCache, ImageError, load_image
 
@@ -108,9 +109,10 @@ class HFBackend:
     """A transformers model as a judge backend (implements Backend and ScoresTokens).
 
     `model`: a model folder or hub name; a folder holding a peft LoRA adapter loads its base
-    (adapter_config's `base_model_name_or_path`, or `base_model` in the folder's vlm_judge.json)
-    and applies the adapter. Extra keyword arguments go to `from_pretrained` (e.g. `gguf_file=`,
-    `device_map="auto"` for models larger than one device, `attn_implementation=`).
+    (`base_model` in the folder's judge card, else adapter_config's `base_model_name_or_path`; a
+    relative path is relative to the folder) and applies the adapter. Extra keyword arguments go to
+    `from_pretrained` (e.g. `gguf_file=`, `device_map="auto"` for models larger than one device,
+    `attn_implementation=`).
     `batch_size` / `max_batch_tokens`: rows and padded tokens per forward pass.
     `prefix_reuse`: run a prefix shared by several prompts once and reuse its KV cache.
     `min_new_tokens`: suppress end-of-sequence before this many tokens (for benchmarks that need
@@ -157,7 +159,7 @@ class HFBackend:
         self.dtype = model.dtype
         if self.kind == "vision":
             self.processor, self.tokenizer = processor, processor.tokenizer
-            self._fix_llava_processor(model.config)
+            chat.fix_llava_processor(processor, model.config)
             self.image_token = getattr(processor, "image_token", "<image>")
             self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         else:
@@ -184,12 +186,11 @@ class HFBackend:
         base, adapter = model, None
         if (folder / "adapter_config.json").is_file():
             adapter = model
-            card_path = folder / "vlm_judge.json"
-            card = json.loads(card_path.read_text()) if card_path.is_file() else {}
             acfg = json.loads((folder / "adapter_config.json").read_text())
-            base = card.get("base_model") or acfg.get("base_model_name_or_path")
+            base = card.resolve_base_model(folder, card.load_card(folder).get("base_model")
+                                           or acfg.get("base_model_name_or_path"))
             if not base:
-                raise ValueError(f"{model}: LoRA adapter without a base model (set base_model in vlm_judge.json)")
+                raise ValueError(f"{model}: LoRA adapter without a base model (set base_model in {card.CARD_FILE})")
         config = AutoConfig.from_pretrained(base, **shared)
         self.kind = "vision" if getattr(config, "vision_config", None) is not None else "text"
 
@@ -210,7 +211,7 @@ class HFBackend:
             self.processor = AutoProcessor.from_pretrained(proc_src, **shared)
             self.tokenizer = self.processor.tokenizer
             net = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, **kw)
-            self._fix_llava_processor(config)
+            chat.fix_llava_processor(self.processor, config)
             self.image_token = getattr(self.processor, "image_token", "<image>")
             self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         else:
@@ -248,38 +249,16 @@ class HFBackend:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
-    def _fix_llava_processor(self, config: Any) -> None:
-        """Checkpoints converted for llava-1.5 may leave these unset; then an image does not expand
-        to as many tokens as the vision tower gives features (design.md pitfalls)."""
-        proc = self.processor
-        if not hasattr(proc, "patch_size"):
-            return
-        vc = config.vision_config
-        if getattr(proc, "patch_size", None) is None:
-            proc.patch_size = vc.patch_size
-        if getattr(proc, "vision_feature_select_strategy", None) is None:
-            proc.vision_feature_select_strategy = getattr(config, "vision_feature_select_strategy", "default")
-        if not getattr(proc, "num_additional_image_tokens", 0) and getattr(vc, "model_type", "") == "clip_vision_model":
-            proc.num_additional_image_tokens = 1  # CLIP's CLS token
-
     # ---- prompts -> token ids -------------------------------------------------------------
+
+    def _refuse_images(self, p: Prompt) -> None:
+        if p.images and self.kind != "vision":
+            raise ValueError(f"{self.name} is a text judge and cannot see images (use a vision judge or the caption bridge)")
 
     def _chat_text(self, p: Prompt) -> str:
         """The prompt as the model's chat template writes it, ending where the answer starts."""
-        if self.kind == "vision":
-            msgs: list[dict[str, Any]] = []
-            if p.system:
-                msgs.append({"role": "system", "content": [{"type": "text", "text": p.system}]})
-            parts = [{"type": "image"} for _ in p.images] + [{"type": "text", "text": p.user}]
-            msgs.append({"role": "user", "content": parts})
-            templ = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
-            text = templ.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        elif getattr(self.tokenizer, "chat_template", None):
-            msgs = ([{"role": "system", "content": p.system}] if p.system else []) + [{"role": "user", "content": p.user}]
-            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        else:  # a base model without a template: plain text, said here so nobody wonders
-            text = (p.system + "\n\n" if p.system else "") + p.user + "\n\n"
-        return text + p.assistant_prefix
+        self._refuse_images(p)
+        return chat.apply(self.processor if self.kind == "vision" else self.tokenizer, p, vision=self.kind == "vision")
 
     def _image_side(self) -> int | None:
         """The largest side the image processor resizes or crops to (decoding need not go further)."""
@@ -344,8 +323,7 @@ class HFBackend:
         pixels: list[dict[str, torch.Tensor]] = []
         n_img = 0
         if p.images:
-            if self.kind != "vision":
-                raise ValueError(f"{self.name} is a text judge and cannot see images (use a vision judge or the caption bridge)")
+            self._refuse_images(p)
             pieces = text.split(self.image_token)
             if len(pieces) - 1 != len(p.images):
                 raise ValueError(f"the chat template placed {len(pieces) - 1} image tokens for {len(p.images)} images")

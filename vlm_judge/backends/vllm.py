@@ -1,8 +1,8 @@
 """In-process vLLM backend (optional extra: `pip install 'vlm-judge[vllm]'`, needs a GPU).
 
 vLLM brings continuous batching, paged attention and automatic prefix caching (the shared image
-+ rubric prefix of a group is computed once without any help from us). Prompts are rendered with
-the model's own chat template through transformers, exactly as the hf backend renders them, and
++ rubric prefix of a group is computed once without any help from us). Prompts are laid out by
+`vlm_judge.chat` with the model's own chat template, exactly as the hf backend lays them out, and
 images go in as PIL images in `multi_modal_data`.
 
 Not tested in this repository's CI (no GPU, no vllm wheel); the openai backend pointed at
@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from vlm_judge import chat
 from vlm_judge.backends.base import Generation, GenerationParams, Prompt
 from vlm_judge.images import load_image
 
@@ -41,16 +42,9 @@ class VLLMBackend:
         self.llm = LLM(model=model, enable_prefix_caching=enable_prefix_caching, **extra, **kw)
 
     def _text(self, p: Prompt) -> str:
-        msgs: list[dict[str, Any]] = []
-        if self.vision:
-            if p.system:
-                msgs.append({"role": "system", "content": [{"type": "text", "text": p.system}]})
-            msgs.append({"role": "user", "content": [{"type": "image"} for _ in p.images] + [{"type": "text", "text": p.user}]})
-        else:
-            if p.images:
-                raise ValueError(f"{self.name} is a text judge and cannot see images")
-            msgs = ([{"role": "system", "content": p.system}] if p.system else []) + [{"role": "user", "content": p.user}]
-        return self.templater.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + p.assistant_prefix
+        if p.images and not self.vision:
+            raise ValueError(f"{self.name} is a text judge and cannot see images")
+        return chat.apply(self.templater, p, vision=self.vision)
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
         """One Generation per prompt; a prompt whose image cannot be read carries its error."""

@@ -14,7 +14,7 @@ downloaded at run time. The run, stage by stage:
 2. **models** - SmolLM2-135M-Instruct's real weights (its first layer: a CPU cannot afford all 30
    in minutes; the vocabulary trimmed to the tokens the demo's texts use), a small CLIP vision
    tower pretrained for seconds on the training images, joined with a projector scaled to the
-   word embeddings into a LLaVA judge base (train.assemble); the same LM alone is the text judges' base.
+   word embeddings into a LLaVA judge base (demo.assemble); the same LM alone is the text judges' base.
 3. **train** - three judges with the training recipe code (train.loop.train).
 4. **eval** - the held-out benchmark graded by each judge through the shared scorer (hf backend),
    compared with eval's metrics and report (plots included).
@@ -178,16 +178,12 @@ def _values() -> dict[str, tuple[str, ...]]:
     return {"color": COLORS, "shape": SHAPES, "size": SIZES}
 
 
-def caption_instruction(instruction: str, caption: str, image: str) -> str:
-    """The instruction a caption text judge sees: through the shared caption bridge (text_judge's,
-    via eval.captions), so the demo trains on captions laid out exactly as `vlm-judge eval` shows them."""
-    from eval.captions import caption_bridge
-    from perception_collection.vqa_teacher import RUBRIC
-    from vlm_judge.images import resolve_image
-    from vlm_judge.records import JudgeRequest
+def caption_instruction(instruction: str, caption: str) -> str:
+    """The instruction a caption text judge sees, laid out by text_judge's caption bridge, so the
+    demo trains on captions laid out exactly as `vlm-judge eval` shows them."""
+    from text_judge import bridge_instruction
 
-    req = JudgeRequest(instruction=instruction, response="-", rubric=RUBRIC, images=(resolve_image(image),))
-    return caption_bridge([req], [caption])[0].instruction
+    return bridge_instruction(instruction, [caption])
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -247,7 +243,7 @@ def build_data(cfg: DemoConfig, out: Path, progress: Progress) -> dict[str, Any]
             rows["vision"].append(base)
             text_row = {k: v for k, v in base.items() if k != "image"}
             rows["blind"].append(text_row)
-            cap_instr = caption_instruction(question, im["context"], im["path"])
+            cap_instr = caption_instruction(question, im["context"])
             rows["caption"].append({**text_row, "orig_instruction": cap_instr, "instruction": cap_instr})
     paths = {name: _write_jsonl(data / f"{'test' if name == 'test' else 'train_' + name}.jsonl", rs)
              for name, rs in rows.items()}
@@ -283,7 +279,7 @@ def build_bases(cfg: DemoConfig, out: Path, info: dict[str, Any], progress: Prog
     judge base (the same LM), saved as model folders."""
     from PIL import Image
 
-    from train.assemble import (
+    from demo.assemble import (
         VisionSpec,
         assemble_llava,
         build_image_processor,

@@ -38,6 +38,8 @@ def resolve_image(
         return ImageRef(data=bytes(value))
     if isinstance(value, dict):
         if value.get("bytes"):
+            if not isinstance(value["bytes"], (bytes, bytearray, memoryview)):
+                raise ImageError(f"an image's 'bytes' must be bytes, got {type(value['bytes']).__name__}")
             return ImageRef(data=bytes(value["bytes"]))
         value = value.get("path")
     if hasattr(value, "save") and hasattr(value, "mode"):  # a PIL image

@@ -22,7 +22,6 @@ from eval.report import slug
 from eval.run import JudgeSpec, error_judgment, judge_cached, parse_judge
 from vlm_judge import __version__
 from vlm_judge.backends import get_backend
-from vlm_judge.records import Rubric
 from vlm_judge.scorer import Judge
 
 
@@ -39,7 +38,8 @@ class EvalConfig:
     format: str | None = None
     column_map: str | None = None
     rubric: str | None = None
-    """A rubric file (the 'Score N:' text form or JSON) for benchmarks without their own."""
+    """A rubric file for rows without their own: JSON, YAML, the 'Score N:' text form, or a {name: rubric}
+    library (the files `score --rubric` takes; read by `vlm_judge.inputs.load_rubrics`)."""
     image_root: str | None = None
     image_rewrites: dict[str, str] = field(default_factory=dict)
     gold_scale: tuple[float, float] = (1.0, 5.0)
@@ -74,17 +74,6 @@ class EvalConfig:
             raise ValueError("n_boot must be at least 100 for a usable interval")
 
 
-def _rubric(path: str | None) -> Rubric | None:
-    if not path:
-        return None
-    import json
-
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json"):
-        return Rubric.from_dict(json.loads(text))
-    return Rubric.from_text(text)
-
-
 def _load_judge(spec: JudgeSpec, cfg: EvalConfig) -> Judge:
     backend = spec.backend or cfg.backend
     kw = {"base_url": cfg.base_url} if backend == "openai" and cfg.base_url else {}
@@ -104,7 +93,7 @@ def _log(msg: str) -> None:
 def run_eval(cfg: EvalConfig, judges: dict[str, Judge] | None = None) -> dict[str, Any]:
     """Run the evaluation. `judges` ({spec string: Judge}) supplies ready-made judges (Python API)."""
     bench = load_benchmark(
-        cfg.bench, format=cfg.format, column_map=cfg.column_map, rubric=_rubric(cfg.rubric),
+        cfg.bench, format=cfg.format, column_map=cfg.column_map, rubric=cfg.rubric or None,
         image_root=cfg.image_root, image_rewrites=cfg.image_rewrites or None, gold_scale=cfg.gold_scale,
         limit=cfg.limit,
     )

@@ -39,7 +39,8 @@ def visit_rows(imgs: dict[str, str]) -> list:
 
 def test_visit_absolute_rows_and_listed_failures(tmp_path, sample_images):
     imgs = {k: str(v) for k, v in sample_images.items()}
-    b = load_benchmark(_write(tmp_path / "visit.jsonl", visit_rows(imgs)), format="visit")
+    b = load_benchmark(_write(tmp_path / "visit.jsonl", visit_rows(imgs)), format="visit",
+                       allowed_image_dirs=[Path(imgs["chelsea"]).parent, tmp_path])
     assert [it.id for it in b.items] == ["v1", "v2", "v3"]
     v1 = b.items[0]
     assert v1.gold == pytest.approx(14 / 3) and v1.human_scores == [5, 5, 4]
@@ -60,7 +61,8 @@ def test_visit_pairwise_and_column_map(tmp_path, sample_images):
         {"qid": 3, "instruction": "Describe.", "img": str(sample_images["rocket"]), "A": "x", "B": "y",
          "human_preference": "maybe"},
     ]
-    b = load_benchmark(_write(tmp_path / "p.jsonl", rows), format="visit", column_map="id=qid,image=img")
+    b = load_benchmark(_write(tmp_path / "p.jsonl", rows), format="visit", column_map="id=qid,image=img",
+                       allowed_image_dirs=[sample_images["chelsea"].parent])
     assert [(it.id, it.mode, it.gold) for it in b.items] == [("1", "relative", "A"), ("2", "relative", "B")]
     assert b.items[0].model == "m1" and b.items[0].model_b == "m2"
     assert "unreadable preference" in b.skipped[0]["reason"]
@@ -139,7 +141,8 @@ def test_visit_release_columns_binary_gold_and_switched_off_field(tmp_path, samp
             {"instruction_category": "x", "instruction": "Name it.", "image": "https://example.com/a.png",
              "reference_output": "A.", "human_ratings_gpt4_correct": True}]
     b = load_benchmark(_write(tmp_path / "v.jsonl", rows), format="visit",
-                       column_map="response=reference_output,reference=-", gold_scale=(1, 10))
+                       column_map="response=reference_output,reference=-", gold_scale=(1, 10),
+                       allowed_image_dirs=[sample_images["chelsea"].parent])
     assert [(it.gold, it.request.response, it.request.reference_answer) for it in b.items] == [
         (5.0, "A cat.", None), (1.0, "A bus.", None)]
     assert "URLs are not fetched" in b.skipped[0]["reason"]

@@ -185,7 +185,7 @@ def load_benchmark(
     opts = InputOptions(
         image_root=image_root, image_rewrites=dict(image_rewrites or {}), allowed=allowed_image_dirs,
         column_map=parse_column_map(column_map), default_rubric=rubric or DEFAULT_RUBRIC, rubrics=library,
-        fill_rubric=True, check_images="verify", format=format, duplicate_ids="number",
+        fill_rubric=DEFAULT_RUBRIC, check_images="verify", format=format, duplicate_ids="number",
     )
     root = opts.root_for(path)
     vision = inputs.FORMATS[format].vision

@@ -132,7 +132,7 @@ def _target(row: Row, mode: str) -> tuple[str, Verdict]:
         if parsed.ok:
             feedback = feedback if feedback is not None else parsed.feedback
             gold = gold if gold is not None else parsed.verdict
-        elif "conversations" in row.values or row.format.name == "conversation":
+        elif row.format.name == "conversation":
             raise RowError(f"gpt turn has no readable verdict ({parsed.reason})", field="conversations",
                            kind="unparseable target")
     verdict: Verdict
@@ -234,7 +234,7 @@ def load_examples(
                 exs = row_to_examples(row, source, ctx, root, opts)
             except RowError as e:
                 if on_bad_row == "fail":
-                    raise RowError(f"{source}: {describe(e)}", row_id=e.row_id, line=e.line, kind=e.kind) from e
+                    raise RowError(f"{source}: {describe(e)}", kind=e.kind) from e
                 report.skip(source, e)
                 continue
             out.extend(exs)

@@ -288,8 +288,8 @@ class InputOptions:
     """Used for rows that carry no rubric."""
     rubrics: dict[str, Rubric] = field(default_factory=dict)
     """Named rubrics a row may refer to by name in its `rubric` field."""
-    fill_rubric: bool = False
-    """An absolute row whose rubric has no score descriptions takes the default rubric's."""
+    fill_rubric: Rubric | None = None
+    """An absolute row whose rubric has no score descriptions takes this rubric's."""
     check_images: bool | str = True
     """'decode' (True): decode every image when its row is read, so a corrupt file fails its row, not
     the batch; 'verify': check the header and file integrity only (fast for large datasets); False."""
@@ -691,8 +691,8 @@ def _to_request(row: Row, opts: InputOptions, root: Path) -> JudgeRequest:
     rubric = _row_rubric(row, opts)
     mode = _mode(row, opts, response_b is not None)
     if mode == "absolute" and not rubric.complete:
-        if opts.fill_rubric and opts.default_rubric is not None and opts.default_rubric.complete:
-            rubric = Rubric(rubric.criteria, opts.default_rubric.score_descriptions)
+        if opts.fill_rubric is not None and opts.fill_rubric.complete:
+            rubric = Rubric(rubric.criteria, opts.fill_rubric.score_descriptions)
         else:
             raise RowError("absolute grading needs a rubric with five score descriptions", field="rubric")
     images = _images(row, opts, root)

@@ -238,6 +238,7 @@ SCORE_FORMATS = ("conversation", "perception", "feedback")
 FIELD_SPELLINGS = {"reference": "reference_answer", "images": "image",
                    **{f"score{i}": f"score{i}_description" for i in range(1, 6)}}
 """Other names a column map may use for a field."""
+FIELD_NAMES = frozenset(f for fmt in FORMATS.values() for f in fmt.columns)
 
 
 def detect_format(row: dict[str, Any], among: tuple[str, ...] = SCORE_FORMATS, fallback: str = "ours") -> str:
@@ -262,9 +263,6 @@ def _columns(fmt: Format, column_map: Mapping[str, str]) -> dict[str, tuple[str,
             raise ConfigError(f"column map: unknown field {name!r}; fields are {known}")
         cols[name] = () if col in ("", "-") else (col,)  # '-' switches a field off
     return cols
-
-
-FIELD_NAMES = frozenset(f for fmt in FORMATS.values() for f in fmt.columns) | {"instruction", "response"}
 
 
 # ---- how rows become requests --------------------------------------------------------------------

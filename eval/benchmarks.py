@@ -1,9 +1,10 @@
 """Benchmark loaders: judge-evaluation files on disk -> items with human gold labels.
 
-Nothing downloads. Each format is a default column map (our field -> the names that format
-uses) plus a few format-specific conversions; `column_map` overrides any field. A row that
-cannot become an item (no gold label, image missing or refused, bad JSON, empty response) is
-recorded in `Benchmark.skipped` with its line and the reason, never silently dropped.
+Nothing downloads. Rows are read by `vlm_judge.inputs` (the one row reader: file types, each
+format's columns as data, one image policy, one rubric loader); this module adds the human gold.
+`column_map` overrides any field's column. A row that cannot become an item (no gold label, image
+missing or refused, bad JSON, empty response) is recorded in `Benchmark.skipped` with its line and
+the reason, never silently dropped.
 
 Formats:
 - visit: VisIT-Bench style: instruction, image, instruction-conditioned caption, reference
@@ -21,16 +22,17 @@ Formats:
 
 from __future__ import annotations
 
-import csv
-import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm_judge.images import resolve_image
-from vlm_judge.records import JudgeRequest, RecordError, Rubric
+from vlm_judge import inputs
+from vlm_judge.inputs import InputOptions, Row
+from vlm_judge.inputs import detect_format as detect
+from vlm_judge.records import JudgeRequest, Rubric
 
 FORMATS = ("visit", "perception", "llava", "feedback", "mtbench", "jsonl")
+"""Benchmark formats (their columns are `vlm_judge.inputs.FORMATS`)."""
 
 # Our rubric for benchmarks that carry none (VisIT, LLaVA-Bench, MT-Bench); our own wording.
 DEFAULT_RUBRIC = Rubric(
@@ -44,74 +46,7 @@ DEFAULT_RUBRIC = Rubric(
         "The response fully and correctly answers the instruction with nothing important missing.",
     ),
 )
-
-_COMMON = {
-    "id": ["id", "question_id", "item_id", "idx"],
-    "category": ["category", "instruction_category", "task", "type"],
-    "model": ["model", "model_a", "response_model", "generator"],
-    "model_b": ["model_b"],
-    "criteria": ["orig_criteria", "criteria"],
-    **{f"score{i}": [f"orig_score{i}_description", f"score{i}_description"] for i in range(1, 6)},
-}
-
-COLUMNS: dict[str, dict[str, list[str]]] = {
-    "visit": {
-        "instruction": ["instruction"],
-        "image": ["image", "image_path", "image_file", "image_url"],
-        "caption": ["instruction_conditioned_caption", "caption"],
-        "reference": ["reference_output", "reference", "reference_answer"],
-        "response": ["response", "output", "response_a", "A"],
-        "response_b": ["response_b", "B"],
-        "gold": ["human_ratings", "human_rating", "rating", "human_preference", "preference", "winner",
-                 "human_ratings_gpt4_correct"],
-    },
-    "perception": {
-        "instruction": ["orig_instruction"],
-        "image": ["image"],
-        "caption": ["caption"],
-        "reference": ["orig_reference_answer"],
-        "response": ["original_response", "orig_response"],
-        "response_b": [],
-        "gold": ["orig_score", "gold_score", "human_score", "score"],
-    },
-    "llava": {
-        "instruction": ["question", "text", "instruction"],
-        "image": ["image", "image_path"],
-        "caption": ["caption", "context"],
-        "reference": ["gpt4_answer", "reference", "reference_answer"],
-        "response": ["answer", "response", "output"],
-        "response_b": [],
-        "gold": ["gold_score", "score", "human_score", "rating"],
-    },
-    "feedback": {
-        "instruction": ["orig_instruction", "instruction"],
-        "image": [],
-        "caption": [],
-        "reference": ["orig_reference_answer"],
-        "response": ["orig_response", "original_response", "response"],
-        "response_b": [],
-        "gold": ["orig_score", "gold_score", "score"],
-    },
-    "mtbench": {
-        "instruction": ["question", "instruction"],
-        "image": [],
-        "caption": [],
-        "reference": ["reference"],
-        "response": ["answer_a", "response_a"],
-        "response_b": ["answer_b", "response_b"],
-        "gold": ["winner", "preference"],
-    },
-    "jsonl": {
-        "instruction": ["instruction", "question", "prompt"],
-        "image": ["image", "image_path"],
-        "caption": ["caption"],
-        "reference": ["reference_answer", "reference"],
-        "response": ["response", "answer", "output", "response_a"],
-        "response_b": ["response_b", "answer_b"],
-        "gold": ["gold", "gold_score", "human_score", "score", "preference", "label"],
-    },
-}
-VISION_FORMATS = ("visit", "perception", "llava")
+_DETECT = ("mtbench", "perception", "feedback", "visit", "llava")
 
 
 @dataclass
@@ -157,68 +92,14 @@ class Benchmark:
         return any(it.request.images for it in self.items)
 
 
-def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any] | None, str]]:
-    """(line number, row or None, error) for a .jsonl, .json (list or {'data': [...]}) or .csv file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"benchmark file not found: {p}")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".csv":
-        return [(k + 2, dict(r), "") for k, r in enumerate(csv.DictReader(text.splitlines()))]
-    if p.suffix == ".json":
-        data = json.loads(text)
-        if isinstance(data, dict):
-            data = data.get("data") or data.get("rows") or list(data.values())
-        return [(k + 1, r if isinstance(r, dict) else None, "" if isinstance(r, dict) else "row is not an object")
-                for k, r in enumerate(data)]
-    out: list[tuple[int, dict[str, Any] | None, str]] = []
-    for k, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            out.append((k, None, f"bad JSON: {e.msg} at column {e.colno}"))
-            continue
-        out.append((k, r, "") if isinstance(r, dict) else (k, None, "row is not a JSON object"))
-    return out
-
-
 def detect_format(row: dict[str, Any]) -> str:
-    """Guess the format from one row's keys."""
-    keys = set(row)
-    if "conversation_a" in keys or ("winner" in keys and "model_a" in keys):
-        return "mtbench"
-    if "orig_criteria" in keys:
-        return "perception" if "image" in keys else "feedback"
-    if "instruction_conditioned_caption" in keys:
-        return "visit"
-    if "question" in keys and "image" in keys:
-        return "llava"
-    return "jsonl"
+    """Guess the benchmark format from one row's keys."""
+    return detect(row, among=_DETECT, fallback="jsonl")
 
 
 def parse_column_map(spec: str | dict[str, str] | None) -> dict[str, str]:
     """'gold=my_rating,image=img' or a dict -> {our field: source column}."""
-    if not spec:
-        return {}
-    if isinstance(spec, dict):
-        return dict(spec)
-    out = {}
-    for part in spec.split(","):
-        if "=" not in part:
-            raise ValueError(f"column map entry {part!r} is not FIELD=COLUMN")
-        k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
-def _pick(row: dict[str, Any], names: list[str]) -> Any:
-    for n in names:
-        v = row.get(n)
-        if v is not None and not (isinstance(v, str) and not v.strip()):
-            return v
-    return None
+    return inputs.parse_column_map(spec)
 
 
 def normalize_preference(v: Any) -> str | None:
@@ -245,31 +126,34 @@ def _score(v: Any) -> list[float]:
     return [float(v)]
 
 
-def _mtbench_turns(row: dict[str, Any], turn: int) -> tuple[str, str, str] | None:
-    """(instruction, answer A, answer B) from MT-Bench conversations; earlier turns become context."""
-    ca, cb = row.get("conversation_a"), row.get("conversation_b")
-    if not (isinstance(ca, list) and isinstance(cb, list)):
-        return None
-
-    def split(conv: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
-        users = [m.get("content", "") for m in conv if m.get("role") == "user"]
-        bots = [m.get("content", "") for m in conv if m.get("role") == "assistant"]
-        return users, bots
-
-    ua, ba = split(ca)
-    _, bb = split(cb)
-    t = max(1, int(turn)) - 1
-    if t >= len(ua) or t >= len(ba) or t >= len(bb):
-        return None
-    ctx = "".join(f"[Earlier turn {k + 1}] User: {ua[k]}\n" for k in range(t))
-    return ctx + ua[t], ba[t], bb[t]
+def _gold(row: Row, relative: bool, lo: float, hi: float) -> tuple[float | str, list[float]]:
+    """(gold, each human rating on 1..5) from the row's gold column."""
+    gold_raw = row.get("gold")
+    if gold_raw is None:
+        raise ValueError(f"missing gold label (looked for {list(row.columns.get('gold', ()))})")
+    if relative:
+        pref = normalize_preference(gold_raw)
+        if pref is None:
+            raise ValueError(f"unreadable preference {gold_raw!r} (want A, B or tie)")
+        return pref, []
+    try:
+        binary = isinstance(gold_raw, bool) or str(gold_raw).strip().lower() in ("true", "false")
+        human = _score(gold_raw) if binary else [1.0 + 4.0 * (s - lo) / (hi - lo) for s in _score(gold_raw)]
+    except (TypeError, ValueError):
+        raise ValueError(f"gold score {gold_raw!r} is not a number") from None
+    if not human:
+        raise ValueError("missing gold label (empty list of ratings)")
+    gold = sum(human) / len(human)
+    if not 1.0 - 1e-9 <= gold <= 5.0 + 1e-9:
+        raise ValueError(f"gold score {gold_raw!r} falls outside the scale {lo:g}..{hi:g}")
+    return gold, human
 
 
 def load_benchmark(
     path: str | Path,
     format: str | None = None,
     column_map: str | dict[str, str] | None = None,
-    rubric: Rubric | None = None,
+    rubric: Rubric | str | Path | None = None,
     image_root: str | Path | None = None,
     image_rewrites: dict[str, str] | None = None,
     allowed_image_dirs: list[str | Path] | None = None,
@@ -278,125 +162,53 @@ def load_benchmark(
 ) -> Benchmark:
     """Load a benchmark file into items with gold labels; rows that fail are listed with reasons.
 
-    Images resolve against `image_root` (default: the file's folder) after `image_rewrites`;
+    Rows are read by `vlm_judge.inputs` (its file types, format columns and image policy: images
+    resolve against `image_root`, default the file's folder, after `image_rewrites`, and must lie
+    inside `allowed_image_dirs`, default the root and the rewrite targets). `rubric` (a Rubric or a
+    rubric file, as `score --rubric` takes) is used for rows without their own, else DEFAULT_RUBRIC.
     `gold_scale` (lo, hi) maps numeric gold linearly onto 1..5 (e.g. (1, 10) for LLaVA-Bench).
     """
     path = Path(path)
-    raw = read_rows(path)
-    if format is None:
-        first = next((r for _, r, _ in raw if r), {})
-        format = detect_format(first)
-    if format not in FORMATS:
-        raise ValueError(f"unknown benchmark format {format!r}; choose one of {FORMATS}")
-    cols = {**_COMMON, **COLUMNS[format]}
-    for k, v in parse_column_map(column_map).items():
-        if k not in cols:
-            raise ValueError(f"column map: unknown field {k!r}; fields are {sorted(cols)}")
-        cols[k] = [] if v in ("", "-") else [v]  # '-' switches a field off
-    root = Path(image_root) if image_root is not None else path.parent
+    if not path.exists():
+        raise FileNotFoundError(f"benchmark file not found: {path}")
     lo, hi = gold_scale
     if hi <= lo:
         raise ValueError(f"gold_scale must be (low, high) with high > low, got {gold_scale}")
-
+    library: dict[str, Rubric] = {}
+    if isinstance(rubric, (str, Path)):
+        rubric, library = inputs.load_rubrics(rubric)
+    if format is None:
+        first = next((r.data for r in inputs.iter_rows(path) if r.error is None), {})
+        format = detect_format(first)
+    if format not in FORMATS:
+        raise ValueError(f"unknown benchmark format {format!r}; choose one of {FORMATS}")
+    opts = InputOptions(
+        image_root=image_root, image_rewrites=dict(image_rewrites or {}), allowed=allowed_image_dirs,
+        column_map=parse_column_map(column_map), default_rubric=rubric or DEFAULT_RUBRIC, rubrics=library,
+        fill_rubric=DEFAULT_RUBRIC, check_images="verify", format=format, duplicate_ids="number",
+    )
+    root = opts.root_for(path)
+    vision = inputs.FORMATS[format].vision
     items: list[BenchItem] = []
     skipped: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for line, row, err in raw:
+    for row in inputs.iter_rows(path, opts):
         if limit is not None and len(items) + len(skipped) >= limit:
             break
-        if row is None:
-            skipped.append({"row": line, "id": "", "reason": err})
-            continue
-        rid = str(_pick(row, cols["id"]) or f"row{line}")
         try:
-            item = _item(row, rid, line, format, cols, rubric, root, image_rewrites, allowed_image_dirs, lo, hi)
-        except (RecordError, ValueError, TypeError, KeyError) as e:
-            skipped.append({"row": line, "id": rid, "reason": str(e)})
+            if row.error is not None:
+                raise row.error
+            gold, human = _gold(row, inputs.is_pairwise(row), lo, hi)  # before the image: no gold, no item
+            if vision and row.get("image") is None:
+                raise ValueError(f"missing image (looked for {list(row.columns.get('image', ()))})")
+            request = inputs.to_request(row, opts, root)
+        except ValueError as e:  # RowError is one
+            skipped.append({"row": row.line, "id": row.id, "reason": str(e)})
             continue
-        # MT-Bench has one row per human vote on the same pair: keep each, with a unique id
-        n = seen.get(item.id, 0)
-        seen[item.id] = n + 1
-        if n:
-            item.id = f"{item.id}#{n + 1}"
-            item.request = replace(item.request, id=item.id)
-        items.append(item)
+        caption, model, model_b = row.get("caption"), row.get("model"), row.get("model_b")
+        items.append(BenchItem(
+            id=row.id, request=request, gold=gold, category=str(row.get("category") or ""),
+            caption=str(caption) if caption is not None else None,
+            model=str(model) if model is not None else None, model_b=str(model_b) if model_b is not None else None,
+            human_scores=human if len(human) > 1 else [], row=row.line,
+        ))
     return Benchmark(path.stem, format, items, skipped, str(path), len(items) + len(skipped))
-
-
-def _item(
-    row: dict[str, Any], rid: str, line: int, fmt: str, cols: dict[str, list[str]], rubric: Rubric | None,
-    root: Path, rewrites: dict[str, str] | None, allowed: list[str | Path] | None, lo: float, hi: float,
-) -> BenchItem:
-    instruction = _pick(row, cols["instruction"])
-    response = _pick(row, cols["response"])
-    response_b = _pick(row, cols["response_b"])
-    if fmt == "mtbench" and "conversation_a" in row:
-        t = _mtbench_turns(row, row.get("turn", 1))
-        if t is None:
-            raise ValueError(f"conversation_a/conversation_b lack turn {row.get('turn', 1)}")
-        instruction, response, response_b = t
-        rid = f"{rid}-{row.get('model_a')}-{row.get('model_b')}-t{row.get('turn', 1)}"
-    if instruction is None:
-        raise ValueError(f"missing instruction (looked for {cols['instruction']})")
-    if response is None:
-        raise ValueError(f"missing response (looked for {cols['response']})")
-
-    gold_raw = _pick(row, cols["gold"])
-    if gold_raw is None:
-        raise ValueError(f"missing gold label (looked for {cols['gold']})")
-    relative = response_b is not None
-    human: list[float] = []
-    if relative:
-        gold: float | str | None = normalize_preference(gold_raw)
-        if gold is None:
-            raise ValueError(f"unreadable preference {gold_raw!r} (want A, B or tie)")
-    else:
-        try:
-            binary = isinstance(gold_raw, bool) or str(gold_raw).strip().lower() in ("true", "false")
-            human = _score(gold_raw) if binary else [1.0 + 4.0 * (s - lo) / (hi - lo) for s in _score(gold_raw)]
-        except (TypeError, ValueError):
-            raise ValueError(f"gold score {gold_raw!r} is not a number") from None
-        if not human:
-            raise ValueError("missing gold label (empty list of ratings)")
-        gold = sum(human) / len(human)
-        if not 1.0 - 1e-9 <= gold <= 5.0 + 1e-9:
-            raise ValueError(f"gold score {gold_raw!r} falls outside the scale {lo:g}..{hi:g}")
-
-    images = ()
-    image_value = _pick(row, cols["image"]) if cols["image"] else None
-    if image_value is not None:
-        # Relative paths must stay inside the image root (published rows climb out with '../');
-        # an absolute path written in the file is the user's own choice unless they set `allowed`.
-        bounds = allowed
-        if bounds is None and isinstance(image_value, str) and Path(image_value).is_absolute() and not rewrites:
-            bounds = []
-        images = (resolve_image(image_value, root=root, rewrites=rewrites, allowed=bounds),)
-    elif fmt in VISION_FORMATS:
-        raise ValueError(f"missing image (looked for {cols['image']})")
-
-    if rubric is None:
-        crit = _pick(row, cols["criteria"])
-        if crit is not None:
-            descs = tuple(str(_pick(row, cols[f"score{i}"]) or "") for i in range(1, 6))
-            rb = Rubric(str(crit), descs if all(descs) else ())
-        else:
-            rb = DEFAULT_RUBRIC
-    else:
-        rb = rubric
-    if not relative and not rb.complete:
-        rb = Rubric(rb.criteria, DEFAULT_RUBRIC.score_descriptions)
-    ref = _pick(row, cols["reference"])
-    request = JudgeRequest(
-        instruction=str(instruction), response=str(response), rubric=rb,
-        response_b=str(response_b) if relative else None, reference_answer=str(ref) if ref is not None else None,
-        images=images, id=rid, mode="relative" if relative else "absolute",
-    )
-    caption = _pick(row, cols["caption"]) if cols["caption"] else None
-    model = _pick(row, cols["model"])
-    model_b = _pick(row, cols["model_b"])
-    return BenchItem(
-        id=rid, request=request, gold=gold, category=str(_pick(row, cols["category"]) or ""),
-        caption=str(caption) if caption is not None else None,
-        model=str(model) if model is not None else None, model_b=str(model_b) if model_b is not None else None,
-        human_scores=human if len(human) > 1 else [], row=line,
-    )

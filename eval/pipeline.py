@@ -25,7 +25,6 @@ from vlm_judge import __version__
 from vlm_judge.backends import get_backend
 from vlm_judge.jsonl import exclusive_lock
 from vlm_judge.judge_options import DEFAULT_RETRIES, JudgeOptions, split_urls
-from vlm_judge.records import Rubric
 from vlm_judge.scorer import Judge
 
 
@@ -44,7 +43,8 @@ class EvalConfig:
     column_map: str | dict[str, str] | None = None
     """FIELD=COLUMN pairs ('a=b,c=d' or a mapping)."""
     rubric: str | None = None
-    """A rubric file (the 'Score N:' text form or JSON) for benchmarks without their own."""
+    """A rubric file for rows without their own: JSON, YAML, the 'Score N:' text form, or a {name: rubric}
+    library (the files `score --rubric` takes; read by `vlm_judge.inputs.load_rubrics`)."""
     image_root: str | None = None
     image_rewrites: dict[str, str] = field(default_factory=dict)
     gold_scale: tuple[float, float] = (1.0, 5.0)
@@ -98,17 +98,6 @@ class EvalConfig:
                             seed=self.seed, retries=self.max_parse_retries)
 
 
-def _rubric(path: str | None) -> Rubric | None:
-    if not path:
-        return None
-    import json
-
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json"):
-        return Rubric.from_dict(json.loads(text))
-    return Rubric.from_text(text)
-
-
 def _load_judge(spec: JudgeSpec, raw: str, cfg: EvalConfig) -> Judge:
     opts = cfg.judge_options()
     urls = opts.urls_for(spec.name, raw, spec.label)
@@ -157,7 +146,7 @@ def run_eval(cfg: EvalConfig, judges: dict[str, Judge] | None = None, progress: 
     `progress` draws a bar on stderr while judging and probing. Judgments are cached under
     OUT/cache and reused by a re-run (see `vlm_judge.store`)."""
     bench = load_benchmark(
-        cfg.bench, format=cfg.format, column_map=cfg.column_map, rubric=_rubric(cfg.rubric),
+        cfg.bench, format=cfg.format, column_map=cfg.column_map, rubric=cfg.rubric or None,
         image_root=cfg.image_root, image_rewrites=cfg.image_rewrites or None, gold_scale=cfg.gold_scale,
         limit=cfg.limit,
     )

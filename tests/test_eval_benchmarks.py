@@ -39,7 +39,8 @@ def visit_rows(imgs: dict[str, str]) -> list:
 
 def test_visit_absolute_rows_and_listed_failures(tmp_path, sample_images):
     imgs = {k: str(v) for k, v in sample_images.items()}
-    b = load_benchmark(_write(tmp_path / "visit.jsonl", visit_rows(imgs)), format="visit")
+    b = load_benchmark(_write(tmp_path / "visit.jsonl", visit_rows(imgs)), format="visit",
+                       allowed_image_dirs=[Path(imgs["chelsea"]).parent, tmp_path])
     assert [it.id for it in b.items] == ["v1", "v2", "v3"]
     v1 = b.items[0]
     assert v1.gold == pytest.approx(14 / 3) and v1.human_scores == [5, 5, 4]
@@ -60,7 +61,8 @@ def test_visit_pairwise_and_column_map(tmp_path, sample_images):
         {"qid": 3, "instruction": "Describe.", "img": str(sample_images["rocket"]), "A": "x", "B": "y",
          "human_preference": "maybe"},
     ]
-    b = load_benchmark(_write(tmp_path / "p.jsonl", rows), format="visit", column_map="id=qid,image=img")
+    b = load_benchmark(_write(tmp_path / "p.jsonl", rows), format="visit", column_map="id=qid,image=img",
+                       allowed_image_dirs=[sample_images["chelsea"].parent])
     assert [(it.id, it.mode, it.gold) for it in b.items] == [("1", "relative", "A"), ("2", "relative", "B")]
     assert b.items[0].model == "m1" and b.items[0].model_b == "m2"
     assert "unreadable preference" in b.skipped[0]["reason"]
@@ -139,7 +141,74 @@ def test_visit_release_columns_binary_gold_and_switched_off_field(tmp_path, samp
             {"instruction_category": "x", "instruction": "Name it.", "image": "https://example.com/a.png",
              "reference_output": "A.", "human_ratings_gpt4_correct": True}]
     b = load_benchmark(_write(tmp_path / "v.jsonl", rows), format="visit",
-                       column_map="response=reference_output,reference=-", gold_scale=(1, 10))
+                       column_map="response=reference_output,reference=-", gold_scale=(1, 10),
+                       allowed_image_dirs=[sample_images["chelsea"].parent])
     assert [(it.gold, it.request.response, it.request.reference_answer) for it in b.items] == [
         (5.0, "A cat.", None), (1.0, "A bus.", None)]
     assert "URLs are not fetched" in b.skipped[0]["reason"]
+
+
+def test_visit_reads_a_human_score_column(tmp_path, sample_images):
+    d = Path(sample_images["chelsea"]).parent
+    row = {"id": "h1", "instruction": "What animal?", "image": "chelsea.png", "response": "A cat.", "human_score": 4,
+           "instruction_conditioned_caption": "A cat."}
+    b = load_benchmark(_write(tmp_path / "v.jsonl", [row]), format="visit", image_root=d)
+    assert [(it.id, it.gold) for it in b.items] == [("h1", 4.0)], b.skipped
+
+
+def test_an_absolute_image_path_outside_the_allowed_folders_is_refused(tmp_path, sample_images):
+    row = {"id": "a1", "instruction": "What animal?", "image": str(sample_images["chelsea"]), "response": "A cat.",
+           "human_ratings": [4], "instruction_conditioned_caption": "A cat."}
+    path = _write(tmp_path / "v.jsonl", [row])
+    b = load_benchmark(path, format="visit")
+    assert not b.items and "outside the allowed folders" in b.skipped[0]["reason"]
+    b = load_benchmark(path, format="visit", allowed_image_dirs=[Path(sample_images["chelsea"]).parent])
+    assert [it.id for it in b.items] == ["a1"]
+
+
+def _rubric_files(tmp: Path) -> dict[str, Path]:
+    r = {"criteria": "Is it right?", **{f"score{i}_description": f"level {i}" for i in range(1, 6)}}
+    files = {"one.json": json.dumps(r), "one.yaml": "criteria: Is it right?\n" + "".join(
+        f"score{i}_description: level {i}\n" for i in range(1, 6)),
+        "one.txt": "[Is it right?]\n" + "\n".join(f"Score {i}: level {i}" for i in range(1, 6)),
+        "lib.yaml": "default:\n  criteria: Is it right?\n" + "".join(f"  score{i}_description: level {i}\n"
+                                                                      for i in range(1, 6)) + "other: |\n  [Other?]\n"
+        + "".join(f"  Score {i}: o{i}\n" for i in range(1, 6))}
+    out = {}
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+        out[name] = tmp / name
+    return out
+
+
+def test_score_and_eval_accept_the_same_rubric_files(tmp_path):
+    from vlm_judge.inputs import load_rubrics
+    from vlm_judge.records import Rubric
+
+    want = Rubric("Is it right?", tuple(f"level {i}" for i in range(1, 6)))
+    bench = _write(tmp_path / "fb.jsonl", [{"instruction": "Explain tides.", "response": "The moon.", "gold": 3}])
+    for name, path in _rubric_files(tmp_path).items():
+        assert load_rubrics(path)[0] == want, name  # what `score --rubric` reads
+        b = load_benchmark(bench, format="jsonl", rubric=path)  # what `eval --rubric` reads
+        assert b.items[0].request.rubric == want, (name, b.skipped)
+
+
+def test_eval_run_takes_a_yaml_rubric_library(tmp_path):
+    from eval.pipeline import EvalConfig, run_eval
+
+    bench = _write(tmp_path / "b.jsonl", [{"id": f"r{k}", "instruction": f"Q{k}?", "response": "A.", "gold": 1 + k % 5}
+                                           for k in range(4)])
+    res = run_eval(EvalConfig(bench=str(bench), judges=["mock"], rubric=str(_rubric_files(tmp_path)["lib.yaml"]),
+                              out=str(tmp_path / "o"), n_boot=100, probes=[]))
+    assert res["items"][0].request.rubric.criteria == "Is it right?"
+
+
+def test_csv_benchmark_and_bad_lines_with_line_numbers(tmp_path):
+    (tmp_path / "b.csv").write_text("id,instruction,response,gold\nc1,Q?,A.,4\nc2,Q?,,3\n")
+    b = load_benchmark(tmp_path / "b.csv")
+    assert [(it.id, it.gold, it.row) for it in b.items] == [("c1", 4.0, 2)]
+    assert b.skipped[0]["row"] == 3 and "response" in b.skipped[0]["reason"]
+    (tmp_path / "b.jsonl").write_bytes(b'{"instruction": "Q?", "response": "A.", "gold": 4}\n\n[1]\n\xff\n')
+    b = load_benchmark(tmp_path / "b.jsonl", format="jsonl")
+    assert len(b.items) == 1 and [s["row"] for s in b.skipped] == [3, 4]
+    assert "line 3" in b.skipped[0]["reason"] and "line 4" in b.skipped[1]["reason"]

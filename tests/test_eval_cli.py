@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from eval.cli import main
-from tests.test_eval_probes import ImageAwareBackend
+from tests.test_eval_probes import ImageAwareBackend, local_images
 from vlm_judge.backends import Generation, GenerationParams, Prompt, register_backend
 from vlm_judge.cli import main as vlm_main
 
@@ -48,6 +48,7 @@ def _card(d: Path, backend: str, kind: str = "vision") -> str:
 
 @pytest.fixture
 def bench(tmp_path, sample_images) -> Path:
+    sample_images = local_images(tmp_path, sample_images)
     names = sorted(sample_images)
     rows = []
     for k in range(12):

@@ -17,6 +17,9 @@ pytest.importorskip("vlm_judge.backends.hf")
 
 
 def test_eval_with_tiny_hf_llava_and_mock(tmp_path, tiny_llava_dir, sample_images):
+    from tests.test_eval_probes import local_images
+
+    sample_images = local_images(tmp_path, sample_images)
     names = sorted(sample_images)
     rows = [{"id": f"a{k}", "instruction": "What is in the picture?", "image": str(sample_images[names[k]]),
              "instruction_conditioned_caption": f"A picture of {names[k]}.", "response": f"It is {names[k]}.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,7 +55,14 @@ class LengthLoverBackend:
         return out
 
 
+def local_images(tmp: Path, images: dict[str, Path]) -> dict[str, Path]:
+    """Copies beside the benchmark file: images are read only from allowed folders (default: the file's)."""
+    (tmp / "images").mkdir(exist_ok=True)
+    return {n: Path(shutil.copy(p, tmp / "images" / Path(p).name)) for n, p in images.items()}
+
+
 def write_bench(tmp: Path, images: dict[str, Path], rows: int = 8, pairwise: bool = False) -> Path:
+    images = local_images(tmp, images)
     names = sorted(images)
     out = []
     for k in range(rows):

@@ -258,3 +258,84 @@ def test_published_llava_training_rows_are_read_from_their_prompt_sections(tmp_p
     assert reqs[0].instruction.startswith("Analyze the financial data in the image")
     assert reqs[0].rubric.criteria.startswith("Evaluates the model's ability to interpret")
     assert reqs[0].rubric.score_descriptions[0].startswith("Does not recognize") and reqs[0].reference_answer
+
+
+# ---- one reader: ids, bad lines, csv -----------------------------------------------------------
+
+
+def test_a_blank_line_then_a_malformed_line_does_not_make_a_valid_row_a_duplicate(tmp_path):
+    good = {"instruction": "Q?", "response": "A.", "rubric": RUBRIC}
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(good) + "\n\n{not json\n" + json.dumps(good) + "\n")
+    got = read(path)
+    assert list(got) == ["0", "1", "2"]  # error rows and good rows count the same way
+    assert isinstance(got["0"], JudgeRequest) and isinstance(got["2"], JudgeRequest), got
+    assert isinstance(got["1"], RowError) and "line 3" in got["1"].reason and "not valid JSON" in got["1"].reason
+
+
+def test_bad_lines_become_error_rows_with_their_line_number_and_the_others_go_on(tmp_path):
+    good = json.dumps({"instruction": "Q?", "response": "A.", "rubric": RUBRIC}).encode()
+    lines = [
+        good,
+        b'{"instruction": "Q\xff?", "response": "A."}',  # invalid UTF-8
+        json.dumps({"instruction": "Q?", "response": "A.", "rubric": RUBRIC, "image": {"bytes": "str"}}).encode(),
+        b'{"instruction": "Q?", "response": "A.", "n": ' + b"9" * 5000 + b"}",  # past Python's int digit limit
+        b'["a", "list"]',
+        good,
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    got = read(path)
+    assert list(got) == ["0", "1", "2", "3", "4", "5"]
+    assert isinstance(got["0"], JudgeRequest) and isinstance(got["5"], JudgeRequest)
+    for rid, line, needle in (("1", 2, "UTF-8"), ("2", 3, "bytes"), ("3", 4, "not valid JSON"),
+                              ("4", 5, "not a JSON object")):
+        err = got[rid]
+        assert isinstance(err, RowError) and err.line == line, (rid, err)
+        assert f"line {line}" in str(err) and needle in err.reason, err
+
+
+def test_a_json_list_item_that_is_not_an_object_says_where_it_is(tmp_path):
+    (tmp_path / "in.json").write_text(json.dumps([{"instruction": "Q?", "response": "A.", "rubric": RUBRIC}, [1, 2]]))
+    err = read(tmp_path / "in.json")["1"]
+    assert isinstance(err, RowError) and "item 2" in err.reason and "not a JSON object" in err.reason
+
+
+def test_csv_rows_are_read_like_jsonl_rows(tmp_path, photo):
+    import csv
+
+    with (tmp_path / "in.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, ["id", "instruction", "response", "response_b", "image", "rubric"])
+        w.writeheader()
+        w.writerow({"id": "c1", "instruction": "What colour?", "response": "Orange.", "response_b": "",
+                    "image": "imgs/cat.png", "rubric": json.dumps(RUBRIC)})
+        w.writerow({"id": "c2", "instruction": "What colour?", "response": "Orange.", "response_b": "Blue.",
+                    "image": "", "rubric": Rubric.from_dict(RUBRIC).to_text()})
+        w.writerow({"id": "c3", "instruction": "", "response": "Orange.", "rubric": "x"})
+    got = read(tmp_path / "in.csv")
+    assert got["c1"].mode == "absolute" and got["c1"].images[0].path == str(photo.resolve())
+    assert got["c1"].rubric == Rubric.from_dict(RUBRIC)  # a JSON object in a cell is read as one
+    assert got["c2"].mode == "relative" and got["c2"].images == () and got["c2"].rubric == Rubric.from_dict(RUBRIC)
+    assert got["c3"].field == "instruction" and got["c3"].line == 9  # c2's quoted rubric text spans six lines
+
+
+def test_score_scores_a_csv_file(tmp_path):
+    from vlm_judge.cli import main
+
+    src = tmp_path / "answers.csv"
+    src.write_text("instruction,response,criteria," + ",".join(f"score{i}_description" for i in range(1, 6)) + "\n"
+                   + "".join(f"Q{k}?,A{k}.,Is it right?,d1,d2,d3,d4,d5\n" for k in range(3)))
+    out = tmp_path / "out.jsonl"
+    assert main(["score", str(src), "--judge", "mock", "--out", str(out), "--no-progress"]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["0", "1", "2"] and all(x["status"] == "ok" for x in lines), lines
+
+
+def test_formats_are_data_and_visit_reads_human_score(tmp_path):
+    from vlm_judge.inputs import FORMATS
+
+    for name in ("ours", "perception", "feedback", "visit", "llava", "mtbench", "conversation"):
+        assert name in FORMATS
+    for name in ("perception", "feedback", "visit", "llava", "jsonl"):
+        assert "human_score" in FORMATS[name].columns["gold"], name
+    assert FORMATS["perception"].columns["response"] == ("orig_response", "original_response")

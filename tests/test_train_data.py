@@ -183,3 +183,29 @@ def test_eval_metrics_through_the_scorer(tmp_path):
     assert m["eval/pearson"] == pytest.approx(1.0) and m["eval/exact"] == 1.0
     assert m["eval/pair_accuracy"] == 1.0
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_one_row_error_and_bad_lines_do_not_stop_the_reader(tmp_path, sample_images):
+    import vlm_judge.inputs
+
+    assert RowError is vlm_judge.inputs.RowError
+    absolute, _ = rows_for({"coffee": str(sample_images["coffee"])})
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(json.dumps(absolute[0]).encode() + b"\n\xff\xfe\n[1, 2]\n" + json.dumps(absolute[1]).encode() + b"\n")
+    exs, rep = load_examples([path], RowContext(allowed_image_dirs=[str(sample_images["coffee"].parent)]))
+    assert rep.rows == 4 and rep.examples == 2 and rep.skipped == {"bad json": 2}
+    assert any("rows.jsonl:1" in e and "line 2" in e and "UTF-8" in e for e in rep.first_errors), rep.first_errors
+    assert any("rows.jsonl:2" in e and "line 3" in e and "not a JSON object" in e for e in rep.first_errors)
+
+
+def test_training_rows_from_csv(tmp_path):
+    import csv
+
+    absolute, _ = rows_for({"coffee": "x"})
+    rows = [{k: v for k, v in r.items() if k != "image"} for r in absolute]
+    with (tmp_path / "rows.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    exs, rep = load_examples([tmp_path / "rows.csv"], RowContext(kind="text"))
+    assert rep.examples == 4 and [e.verdict for e in exs] == [5, 3, 2, 1]

@@ -46,7 +46,7 @@ def resolve_image(
         return ImageRef(data=bytes(value))
     if isinstance(value, dict):
         if value.get("bytes"):
-            if not isinstance(value["bytes"], (bytes, bytearray)):
+            if not isinstance(value["bytes"], (bytes, bytearray, memoryview)):
                 raise ImageError(f"image 'bytes' must be the encoded file's bytes, got a {type(value['bytes']).__name__}")
             return ImageRef(data=bytes(value["bytes"]))
         value = value.get("path")

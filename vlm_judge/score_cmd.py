@@ -37,7 +37,7 @@ EXIT_OK, EXIT_NOTHING, EXIT_CONFIG, EXIT_ROW_ERRORS = 0, 1, 2, 3
 
 def build_parser() -> argparse.ArgumentParser:
     p = judge_parser("vlm-judge score", __doc__.split("\n\n")[0])
-    p.add_argument("input", help="rows to score: .jsonl, .json, .parquet, .arrow or a datasets folder")
+    p.add_argument("input", help="rows to score: .jsonl, .json, .csv, .parquet, .arrow or a datasets folder")
     p.add_argument("--judge", required=True, help="'mock', a judge folder, a model path/name, or a served model's name")
     p.add_argument("--out", required=True, help="output JSONL (re-runs resume from it)")
     add_judge_options(p)

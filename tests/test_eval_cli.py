@@ -201,7 +201,7 @@ def test_eval_rerun_after_an_outage_judges_exactly_the_errored_items(tmp_path, b
     from eval.pipeline import EvalConfig, run_eval
     from vlm_judge.backends.openai import OpenAIBackend
     from vlm_judge.scorer import Judge, ScorerConfig
-    from vlm_judge.serve import Fault, start_server
+    from tests.fault_server import Fault, start_server
 
     down = {"on": True}
 
@@ -260,7 +260,7 @@ def test_two_served_judges_on_two_servers_with_backend_args(tmp_path, bench):
 
 
 def test_eval_exits_3_when_items_errored(tmp_path, bench, capsys):
-    from vlm_judge.serve import Fault, start_server
+    from tests.fault_server import Fault, start_server
 
     with start_server(ImageAwareBackend("down"), model_name="down", faults=lambda n, body: Fault(500)) as h:
         rc = main([str(bench), "--judge", "down@openai", "--base-url", h.base_url, "--backend-arg", "max_retries=0",

@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunLocked as e:
         print(f"vlm-judge data build: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except ConfigError as e:  # e.g. the teacher's server does not answer its up-front check
+        print(f"vlm-judge data build: teacher: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except ImportError as e:
         print(f"vlm-judge data build: missing dependency: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -199,9 +199,9 @@ def test_eval_rerun_after_an_outage_judges_exactly_the_errored_items(tmp_path, b
     """The judge's server answers HTTP 500 for two items during the first run; the re-run against the
     healthy server sends it exactly those two requests, and the report no longer holds errors."""
     from eval.pipeline import EvalConfig, run_eval
+    from tests.fault_server import Fault, start_server
     from vlm_judge.backends.openai import OpenAIBackend
     from vlm_judge.scorer import Judge, ScorerConfig
-    from tests.fault_server import Fault, start_server
 
     down = {"on": True}
 

@@ -149,8 +149,10 @@ def test_cache_key_covers_endpoint_every_sampling_field_and_extra_body():
 
 def test_teacher_from_a_recipe_asks_again_when_the_server_or_extra_body_changes(tmp_path):
     def teacher_key(**teacher_fields) -> str:
+        # no server runs here: the backend's up-front check is off (backend_args check=False)
+        args = {"check": False, **teacher_fields.pop("backend_args", {})}
         cfg = BuildConfig.from_dict({"source": {"kind": "folder", "path": "x"}, "out": str(tmp_path),
-                                     "teacher": {"kind": "openai", "model": "m", **teacher_fields}})
+                                     "teacher": {"kind": "openai", "model": "m", "backend_args": args, **teacher_fields}})
         t = make_teacher(cfg, None)
         return request_key(t.name, Prompt(user="x"), t.params, identity=t.identity)
 
@@ -164,7 +166,8 @@ def test_teacher_from_a_recipe_asks_again_when_the_server_or_extra_body_changes(
 
 def test_cache_file_holds_no_credentials(image, tmp_path):
     cfg = BuildConfig.from_dict({"source": {"kind": "folder", "path": "x"}, "out": str(tmp_path),
-                                 "teacher": {"kind": "openai", "model": "m", "base_url": "http://u:pw@a:1/v1?k=s"}})
+                                 "teacher": {"kind": "openai", "model": "m", "base_url": "http://u:pw@a:1/v1?k=s",
+                                             "backend_args": {"check": False}}})
     t = make_teacher(cfg, tmp_path)
     assert "pw" not in json.dumps(t.identity) and "k=s" not in json.dumps(t.identity)
     t.close()

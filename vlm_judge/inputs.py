@@ -453,6 +453,31 @@ def _iter_file(p: Path) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
 INPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 
 
+def count_rows(path: str | Path) -> int | None:
+    """How many rows `path` holds, read cheaply (for progress totals): non-blank lines of a JSONL
+    file, records of a CSV, a parquet file's metadata, a datasets folder's length; None where only
+    a full parse would tell (.json). Raises like the reader for a missing file or unsupported type,
+    so a command can check its input before loading a model."""
+    p = Path(path)
+    if p.is_dir():
+        return len(_load_datasets_dir(p))
+    if not p.is_file():
+        raise FileNotFoundError(f"input file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise ValueError(f"{p}: unsupported input type {suffix!r} (use {', '.join(INPUT_SUFFIXES)} or a datasets folder)")
+    if suffix == ".jsonl":
+        with p.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    if suffix == ".csv":
+        return sum(1 for _ in _csv_rows(p))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(p).metadata.num_rows
+    return None
+
+
 def _json_rows(p: Path) -> list[Any]:
     try:
         data = json.loads(p.read_bytes().decode("utf-8"))

@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vlm_judge import __version__
-from vlm_judge.inputs import InputOptions, RowError, load_rubrics, read_requests
+from vlm_judge.inputs import InputOptions, RowError, count_rows, load_rubrics, read_requests
 from vlm_judge.jsonl import Locked
 from vlm_judge.judge_options import add_judge_options, judge_kwargs, judge_parser
 from vlm_judge.options import parse_pairs
@@ -43,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_judge_options(p)
     p.add_argument("--mode", choices=["auto", "absolute", "relative"], default="auto",
                    help="auto: relative for rows with response_b, absolute otherwise")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per backend call")
-    p.add_argument("--chunk-size", type=int, default=64, help="rows scored (and saved) together")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts per backend call for in-process hf judges (servers and vLLM take all pending prompts)")
+    p.add_argument("--chunk-size", type=int, default=64,
+                   help="rows scored and saved together; with a server several chunks are in flight, so this never caps --backend-arg concurrency")
     p.add_argument("--n-samples", type=int, default=1, help="generations per row (needs --temperature > 0)")
     p.add_argument("--aggregate", choices=["mean", "majority"], default="mean",
                    help="how --n-samples verdicts become one: rounded mean or the most frequent")
@@ -88,15 +91,6 @@ def _error_line(rid: str, err: RowError | str, judge: Judge, mode: str, template
     return j.to_dict()
 
 
-def _grade(judge: Judge, chunk: list[tuple[JudgeRequest, str]], template: str) -> list[dict[str, Any]]:
-    """Judge a chunk; each line carries its request's fingerprint (see vlm_judge.store)."""
-    try:
-        got = judge.grade([r for r, _ in chunk])
-        return [{**j.to_dict(), FINGERPRINT: fp} for j, (_, fp) in zip(got, chunk)]
-    except Exception as e:  # a backend crash fails this chunk's rows (retried on re-run), not the run
-        return [_error_line(r.id, f"backend failed: {type(e).__name__}: {e}", judge, r.mode, template) for r, _ in chunk]
-
-
 def _other_judge(store: JudgmentStore, judge: Judge, template: str) -> str | None:
     """Why resuming into this file would mix two judges' verdicts, or None."""
     other = {(r.get("judge"), r.get("template")) for r in store.lines() if r.get("status") in FINAL}
@@ -112,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
     """Score INPUT into OUT, resuming from OUT (the rules are in vlm_judge.store's docstring)."""
     try:
         opts = _input_options(args)
-        if not Path(args.input).exists():
-            raise FileNotFoundError(f"input not found: {args.input}")
+        total = count_rows(args.input)  # a missing file or an unsupported type fails before the model loads
         judge = _load_judge(args)
         fingerprint = Fingerprinter(judge)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
@@ -121,14 +114,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         with JudgmentStore(args.out, key="id", what="score run") as store:
-            return _score(args, opts, judge, fingerprint, store)
+            return _score(args, opts, judge, fingerprint, store, total)
     except Locked as e:  # another run is writing to OUT: refused at once (see vlm_judge.store)
         print(f"vlm-judge score: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
 
 def _score(args: argparse.Namespace, opts: InputOptions, judge: Judge, fingerprint: Fingerprinter,
-           store: JudgmentStore) -> int:
+           store: JudgmentStore, total: int | None) -> int:
     out, template = store.path, fingerprint.template_name
     mixed = _other_judge(store, judge, template)
     if mixed:
@@ -138,31 +131,44 @@ def _score(args: argparse.Namespace, opts: InputOptions, judge: Judge, fingerpri
 
     order: list[str] = []
     counts = {"skipped": 0, "judged": 0}
-    bar = tqdm(desc="scoring", unit="row", disable=args.no_progress, file=sys.stderr)
+    # rows done / total, rate and ETA; the bar moves as rows finish, not once per chunk
+    bar = tqdm(desc="scoring", unit="row", total=total, disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    fps: dict[int, str] = {}
 
-    def write(lines: list[dict[str, Any]]) -> None:
-        store.add(lines)
-        bar.update(len(lines))
-
-    chunk: list[tuple[JudgeRequest, str]] = []
-    try:
+    def chunks() -> Iterator[list[JudgeRequest]]:
+        """The rows still to judge, in chunks; bad and already-judged rows are settled on the way."""
+        chunk: list[JudgeRequest] = []
         for rid, item in read_requests(args.input, opts):
             order.append(rid)
             if isinstance(item, RowError):
-                write([_error_line(rid, item, judge, args.mode, template)])
+                store.add([_error_line(rid, item, judge, args.mode, template)])
+                bar.update(1)
                 continue
             fp = fingerprint(item)
             if store.reusable(rid, fp) is not None:
                 counts["skipped"] += 1
                 bar.update(1)
                 continue
-            chunk.append((item, fp))
+            fps[id(item)] = fp
+            chunk.append(item)
             if len(chunk) >= args.chunk_size:
-                write(_grade(judge, chunk, template))
-                counts["judged"] += len(chunk)
+                yield chunk
                 chunk = []
         if chunk:
-            write(_grade(judge, chunk, template))
+            yield chunk
+
+    try:
+        # chunks are saved as each finishes; several may be in flight (Judge.grade_chunks)
+        for chunk, got in judge.grade_chunks(chunks(), progress=bar.update):
+            if isinstance(got, Exception):  # a backend crash fails this chunk's rows (retried on re-run)
+                why = f"backend failed: {type(got).__name__}: {got}"
+                lines = [_error_line(r.id, why, judge, r.mode, template) for r in chunk]
+                bar.update(len(chunk))
+            else:
+                lines = [{**j.to_dict(), FINGERPRINT: fps[id(r)]} for j, r in zip(got, chunk)]
+            for r in chunk:
+                fps.pop(id(r), None)
+            store.add(lines)
             counts["judged"] += len(chunk)
     except (ValueError, FileNotFoundError, OSError) as e:  # the file itself is unreadable
         print(f"vlm-judge score: cannot read {args.input}: {e}", file=sys.stderr)

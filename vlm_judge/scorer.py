@@ -8,13 +8,17 @@ n samples per request with mean/majority aggregation, and seeds for reproducibil
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from vlm_judge import __version__, card
 from vlm_judge.backends import Backend, Generation, GenerationParams, get_backend
+from vlm_judge.backends.base import SchedulesItself
 from vlm_judge.images import resolve_image
 from vlm_judge.parse import parse_output
 from vlm_judge.presets import locate_judge
@@ -211,7 +215,8 @@ class Judge:
         return [x if isinstance(x, Judgment) else next(graded) for x in items]
 
     def grade(self, requests: Sequence[JudgeRequest], progress: Callable[[int], None] | None = None) -> list[Judgment]:
-        """Grade a mixed list of absolute and relative requests; one Judgment per request, in order."""
+        """Grade a mixed list of absolute and relative requests; one Judgment per request, in order.
+        `progress(n)` is called with the number of rows newly finished after each backend call."""
         cfg = self.config
         jobs = [
             _Job(k, s, sw, swapped(req) if sw else req)
@@ -219,26 +224,91 @@ class Judge:
             for s in range(cfg.n_samples)
             for sw in ((False, True) if req.mode == "relative" and cfg.swap else (False,))
         ]
+        by_row: dict[int, list[_Job]] = {}
+        for j in jobs:
+            by_row.setdefault(j.req_index, []).append(j)
+        reported: set[int] = set()
+
+        def report(last: bool) -> None:
+            # a row is finished when every job of it parsed, or when no attempt is left
+            done = [k for k, js in by_row.items() if k not in reported
+                    and (last or all(j.status == "ok" or j.final for j in js))]
+            reported.update(done)
+            if progress and done:
+                progress(len(done))
+
         pending = jobs
         for attempt in range(cfg.max_parse_retries + 1):
             if not pending:
                 break
-            self._run(pending, attempt)
+            self._run(pending, attempt, lambda: report(False))
             pending = [j for j in pending if j.status != "ok" and not j.final]
-        by_row: dict[int, list[_Job]] = {}
-        for j in jobs:
-            by_row.setdefault(j.req_index, []).append(j)
-        out = [self._aggregate(req, by_row[k]) for k, req in enumerate(requests)]
-        if progress:
-            progress(len(requests))
-        return out
+        report(True)
+        return [self._aggregate(req, by_row[k]) for k, req in enumerate(requests)]
+
+    def grade_chunks(self, chunks: Iterable[Sequence[JudgeRequest]], progress: Callable[[int], None] | None = None,
+                     ) -> Iterator[tuple[Sequence[JudgeRequest], list[Judgment] | Exception]]:
+        """Grade chunks of requests and yield (chunk, its judgments) as each finishes, possibly out of
+        order: callers save a chunk as soon as it is done without the chunk size capping how many
+        requests are in flight. With a backend that schedules itself and takes concurrent calls (an
+        OpenAI-compatible server) enough chunks run at once to keep `max_in_flight` requests going,
+        so a chunk's slowest request never idles the connections; otherwise chunks run one by one.
+        A backend failure fails that chunk only (yielded as the exception). Chunks are read from
+        `chunks` lazily, at most the window ahead, so memory stays bounded by the window."""
+        it = iter(chunks)
+        first = next(it, None)
+        if first is None:
+            return
+        window = 1
+        if isinstance(self.backend, SchedulesItself) and self.backend.concurrent_calls > 1:
+            # enough chunks to fill the backend, plus one queued so it never waits between chunks
+            need = -(-self.backend.max_in_flight // max(1, len(first))) + 1
+            window = max(1, min(self.backend.concurrent_calls, need))
+        it = itertools.chain([first], it)
+        lock = threading.Lock()
+
+        def counted(n: int) -> None:
+            with lock:
+                progress(n)  # type: ignore[misc]
+
+        def one(chunk: Sequence[JudgeRequest]) -> list[Judgment]:
+            return self.grade(chunk, progress=counted if progress else None)
+
+        if window == 1:
+            for chunk in it:
+                try:
+                    yield chunk, one(chunk)
+                except Exception as e:  # noqa: BLE001 - reported per chunk
+                    yield chunk, e
+            return
+        pool = ThreadPoolExecutor(window, thread_name_prefix="vlm-judge-chunk")
+        running: dict[Future, Sequence[JudgeRequest]] = {}
+        try:
+            for chunk in it:
+                running[pool.submit(one, chunk)] = chunk
+                if len(running) >= window:
+                    break
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    chunk = running.pop(fut)
+                    err = fut.exception()
+                    if err is not None and not isinstance(err, Exception):
+                        raise err
+                    yield chunk, (err if err is not None else fut.result())  # type: ignore[misc]
+                for chunk in it:
+                    running[pool.submit(one, chunk)] = chunk
+                    if len(running) >= window:
+                        break
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- internals -----------------------------------------------------------------------
 
     def _template(self, mode: str) -> JudgeTemplate:
         return get_template(self.config.template, mode)
 
-    def _run(self, jobs: list[_Job], attempt: int) -> None:
+    def _run(self, jobs: list[_Job], attempt: int, after_call: Callable[[], None] = lambda: None) -> None:
         cfg = self.config
         base = cfg.params
         prompts = [render(j.request, self._template(j.request.mode)) for j in jobs]
@@ -246,11 +316,13 @@ class Judge:
         # pads little. The order is undone when results are stored back on each job.
         order = sorted(range(len(jobs)), key=lambda i: (jobs[i].request.image_key, len(prompts[i].user)))
         prefetch = getattr(self.backend, "prefetch", None)  # optional capability (see backends.base)
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
+        # a backend that keeps its own requests in flight gets them all at once (see SchedulesItself)
+        batch = max(1, len(order)) if isinstance(self.backend, SchedulesItself) else cfg.batch_size
+        for start in range(0, len(order), batch):
+            idx = order[start : start + batch]
             if prefetch is not None:
                 # the next batch's images load and preprocess while this batch generates
-                prefetch([prompts[i] for i in order[start + cfg.batch_size : start + 2 * cfg.batch_size]])
+                prefetch([prompts[i] for i in order[start + batch : start + 2 * batch]])
             # one params object per batch: the seed varies with the attempt and sample, so a retry
             # is a new draw and sample s of a request is reproducible run to run
             groups: dict[tuple[int, float], list[int]] = {}
@@ -280,6 +352,7 @@ class Judge:
                         job.verdict, job.status, job.reason = v, "ok", ""
                     else:
                         job.verdict, job.status, job.reason = None, "parse_failure", res.reason
+                after_call()
 
     def _aggregate(self, req: JudgeRequest, jobs: list[_Job]) -> Judgment:
         cfg = self.config

@@ -91,3 +91,16 @@ class Prefetches(Protocol):
 
     def prefetch(self, prompts: Sequence[Prompt]) -> None:
         ...
+
+
+@runtime_checkable
+class SchedulesItself(Protocol):
+    """Optional capability: the backend keeps its own requests in flight (a server client's pool of
+    `concurrency` connections, vLLM's continuous batching). The scorer then hands it every prompt
+    of an attempt in one `generate` call instead of batches of `batch_size`, so a slow request never
+    holds back the next batch; `max_in_flight` is how many prompts it works on at once, and
+    `concurrent_calls` how many `generate` calls may run at the same time (the bound holds across
+    them: an OpenAI client shares one pool; an in-process engine takes one call at a time)."""
+
+    max_in_flight: int
+    concurrent_calls: int

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from vlm_judge.backends.base import Generation, GenerationParams, Prompt
 from vlm_judge.options import ConfigError
+from vlm_judge.redact import redact_url
 from vlm_judge.records import ImageRef
 
 CHECK_TIMEOUT = 10.0
@@ -97,6 +98,11 @@ class _Fatal(Exception):
 @dataclass
 class _Endpoint:
     url: str
+    label: str = ""
+    """The URL as messages and outputs name it: scheme://host:port/path, no credentials or query."""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or redact_url(self.url)
     outstanding: int = 0
     failures: int = 0
     benched_until: float = 0.0
@@ -177,6 +183,8 @@ class OpenAIBackend:
         self.endpoints = [_Endpoint(u.rstrip("/")) for u in dict.fromkeys(urls)]
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "EMPTY")
         self.concurrency = concurrency
+        # SchedulesItself: one pool of `concurrency` requests shared by every generate call
+        self.max_in_flight = self.concurrent_calls = concurrency
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.backoff = backoff
@@ -205,12 +213,12 @@ class OpenAIBackend:
                 r = conn.getresponse()
                 status, data = r.status, r.read()
             except (OSError, http.client.HTTPException) as e:
-                down.append(f"{ep.url} ({type(e).__name__}: {e})")
+                down.append(f"{ep.label} ({type(e).__name__}: {e})")
                 continue
             finally:
                 conn.close()
             if status in (401, 403):
-                raise ConfigError(f"the server at {ep.url} refused the API key (HTTP {status}: {_server_message(data)}); "
+                raise ConfigError(f"the server at {ep.label} refused the API key (HTTP {status}: {_server_message(data)}); "
                                   "set OPENAI_API_KEY or api_key=")
         if len(down) == len(self.endpoints):
             raise ConfigError(f"no OpenAI-compatible server answers at {'; '.join(down)}")
@@ -379,7 +387,7 @@ class OpenAIBackend:
         ep_url = ""
         for attempt in range(self.max_retries + 1):
             ep = self._pick()
-            ep_url = ep.url
+            ep_url = ep.label
             try:
                 resp = self._post(ep, payload)
             except _Fatal as e:
@@ -446,24 +454,24 @@ class OpenAIBackend:
                 break
             except TimeoutError as e:
                 self._drop(ep)
-                raise _Retryable(f"timeout ({self.timeout:g}s)", f"no reply from {ep.url}") from e
+                raise _Retryable(f"timeout ({self.timeout:g}s)", f"no reply from {ep.label}") from e
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
                 self._drop(ep)
                 if reused and not fresh_retry:
                     continue
-                raise _Retryable("connection error", f"{ep.url}: {type(e).__name__}: {e}") from e
+                raise _Retryable("connection error", f"{ep.label}: {type(e).__name__}: {e}") from e
             except (OSError, http.client.HTTPException) as e:
                 self._drop(ep)
-                raise _Retryable("connection error", f"{ep.url}: {type(e).__name__}: {e}") from e
+                raise _Retryable("connection error", f"{ep.label}: {type(e).__name__}: {e}") from e
         if status == 200:
             try:
                 return json.loads(data)
             except ValueError as e:
                 # a proxy's HTML error page or a truncated body: the endpoint misbehaves, try again
-                raise _Retryable("malformed reply", f"not JSON from {ep.url}: {data[:200]!r}") from e
+                raise _Retryable("malformed reply", f"not JSON from {ep.label}: {data[:200]!r}") from e
         msg = _server_message(data)
         if status in (408, 429):  # the server timed out waiting for us, or is busy: alive, try again
             raise _Retryable(f"HTTP {status}", msg, retry_after, endpoint_fault=False)
         if status >= 500:
-            raise _Retryable(f"HTTP {status}", f"{msg} ({ep.url})", retry_after)
-        raise _Fatal(f"HTTP {status} from {ep.url}: {msg}")
+            raise _Retryable(f"HTTP {status}", f"{msg} ({ep.label})", retry_after)
+        raise _Fatal(f"HTTP {status} from {ep.label}: {msg}")

@@ -35,6 +35,9 @@ class VLLMBackend:
 
         self.name = str(model)
         self.sampling_extra = dict(sampling_extra or {})
+        # SchedulesItself: the engine batches continuously, so it gets every pending prompt at once;
+        # LLM.generate is not reentrant, so one call at a time
+        self.max_in_flight, self.concurrent_calls = int(kw.get("max_num_seqs", 256)), 1
         cfg = AutoConfig.from_pretrained(model)
         self.vision = getattr(cfg, "vision_config", None) is not None
         self.templater = AutoProcessor.from_pretrained(model) if self.vision else AutoTokenizer.from_pretrained(model)

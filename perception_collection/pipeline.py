@@ -197,26 +197,28 @@ def generate(
     by_image = {im.image_id: im for im in images}
 
     def item(depth: int, file: StageFile, parent: Any, work: Callable[[Any], tuple[list, list[Drop]]],
-             child: Callable[[Any], None] | None) -> None:
+             child: Callable[[Any], None]) -> None:
+        """Queue `work(parent)` (or take its records from disk), then `child` of each record."""
         done = file.resume(parent)
         if done is not None:
-            for rec in done if child else ():
-                child(rec)  # type: ignore[misc]
+            for rec in done:
+                child(rec)
             return
 
         def then(result: tuple[list, list[Drop]] | None, err: BaseException | None) -> None:
-            if err is not None or result is None:
-                file.fail(parent, err or RuntimeError("no result"))
+            if err is not None:
+                file.fail(parent, err)
                 return
-            file.save(parent, *result)
-            for rec in result[0] if child else ():
-                child(rec)  # type: ignore[misc]
+            records, drops = result  # type: ignore[misc]
+            file.save(parent, records, drops)
+            for rec in records:
+                child(rec)
 
         flow.add(depth, lambda: work(parent), then, file.stage)
 
     def on_instruction(rubric: ImageRubric) -> Callable[[Instruction], None]:
-        return lambda i: item(2, responses, i, lambda i: (stage_responses.responses_for_instruction(
-            by_image[i.image_id], rubric, i, teacher, cfg), []), None)
+        return lambda ins: item(2, responses, ins, lambda i: (stage_responses.responses_for_instruction(
+            by_image[i.image_id], rubric, i, teacher, cfg), []), lambda _: None)
 
     def on_rubric(r: ImageRubric) -> None:
         item(1, instructions, r, lambda r: stage_instructions.instructions_for_rubric(

@@ -1,5 +1,9 @@
 """`build(cfg)`: sources -> seeds -> rubrics -> instructions -> responses -> examples -> filters -> export.
 
+The three teacher stages stream (`generate`): one pool of `teacher.concurrency` calls in flight
+across them, each item's children queued as soon as it is saved. The filters and exports need the
+whole set, so they run once every response is in.
+
 The run folder holds everything a run needs to resume and to be understood later:
 
     recipe.yaml          the resolved config            version.json   package version

@@ -1,7 +1,7 @@
 """Data builder benchmark: calls/s against a teacher with a fixed latency, and CPU per call.
 
     python bench/bench_builder.py                       # latency 0.5 s, concurrency 1 4 16 64
-    python bench/bench_builder.py --baseline 6830a01    # also the CPU per call of that commit's builder
+    python bench/bench_builder.py --baseline 6830a01    # also that commit's builder (git archive), same runs
     python bench/bench_builder.py --profile             # cProfile of the builder's calls (instant teacher)
 
 The teacher is the scripted model of the tests (tests/pc_script.py) behind the real
@@ -16,7 +16,9 @@ of one image run one after the other, as the stage does). The achieved rate is c
 the time from the first call's start to the last call's end, measured in the builder.
 
 CPU per call: an instantly answering teacher, `time.process_time()` of the builder process over a
-whole build (sources, stages, exports) divided by its calls.
+whole build (sources, stages, exports) divided by its calls, and per extra call (16 -> 48 images).
+Each run also prints the mean call time, how busy the pool's slots were, and the calls in flight
+per tenth of the run (where it ran short of work).
 """
 
 from __future__ import annotations

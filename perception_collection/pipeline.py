@@ -1,5 +1,9 @@
 """`build(cfg)`: sources -> seeds -> rubrics -> instructions -> responses -> examples -> filters -> export.
 
+The three teacher stages stream (`generate`): one pool of `teacher.concurrency` calls in flight
+across them, each item's children queued as soon as it is saved. The filters and exports need the
+whole set, so they run once every response is in.
+
 The run folder holds everything a run needs to resume and to be understood later:
 
     recipe.yaml          the resolved config            version.json   package version
@@ -17,15 +21,26 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from perception_collection import stage_instructions, stage_responses, stage_rubrics
 from perception_collection.config import BuildConfig
-from perception_collection.rows import SCORES, Drop, Example, Teacher
+from perception_collection.rows import (
+    SCORES,
+    Drop,
+    Example,
+    GradedResponse,
+    ImageRubric,
+    Instruction,
+    SeedRubric,
+    SourceImage,
+    Teacher,
+)
 from perception_collection.sources import load_source
-from perception_collection.store import JsonlWriter, read_jsonl, run_lock
+from perception_collection.store import Flow, JsonlWriter, StageFile, StageResult, read_jsonl, run_lock
 from vlm_judge.redact import redact_text, redact_urls
 
 
@@ -169,6 +184,60 @@ def join_examples(images: dict, rubrics: dict, instructions: dict, responses: li
     return out
 
 
+def generate(
+    images: Sequence[SourceImage], seeds: Sequence[SeedRubric], teacher: Teacher, run_dir: Path, cfg: BuildConfig,
+    progress: bool = True,
+) -> tuple[StageResult[ImageRubric], StageResult[Instruction], StageResult[GradedResponse]]:
+    """Rubrics per image -> instructions per rubric -> five responses per instruction, streamed:
+    one pool of `cfg.teacher.concurrency` items in flight across the three stages, and an item's
+    children queued the moment it is saved (a rubric's instructions do not wait for other images).
+    Items found done on disk are skipped (their children still run); each stage's file and drops
+    are those of `store.StageFile`. The dedups that need a whole set run where that set is: near-
+    duplicate rubrics within an image's item, repeated instructions within a rubric's item."""
+    files = (stage_rubrics.open_file(run_dir), stage_instructions.open_file(run_dir),
+             stage_responses.open_file(run_dir))
+    rubrics, instructions, responses = files
+    flow = Flow(cfg.teacher.concurrency, progress)
+    by_image = {im.image_id: im for im in images}
+
+    def item(depth: int, file: StageFile, parent: Any, work: Callable[[Any], tuple[list, list[Drop]]],
+             child: Callable[[Any], None]) -> None:
+        """Queue `work(parent)` (or take its records from disk), then `child` of each record."""
+        done = file.resume(parent)
+        if done is not None:
+            for rec in done:
+                child(rec)
+            return
+
+        def then(result: tuple[list, list[Drop]] | None, err: BaseException | None) -> None:
+            if err is not None:
+                file.fail(parent, err)
+                return
+            records, drops = result  # type: ignore[misc]
+            file.save(parent, records, drops)
+            for rec in records:
+                child(rec)
+
+        flow.add(depth, lambda: work(parent), then, file.stage)
+
+    def on_instruction(rubric: ImageRubric) -> Callable[[Instruction], None]:
+        return lambda ins: item(2, responses, ins, lambda i: (stage_responses.responses_for_instruction(
+            by_image[i.image_id], rubric, i, teacher, cfg), []), lambda _: None)
+
+    def on_rubric(r: ImageRubric) -> None:
+        item(1, instructions, r, lambda r: stage_instructions.instructions_for_rubric(
+            by_image[r.image_id], r, teacher, cfg), on_instruction(r))
+
+    try:
+        for im in images:
+            item(0, rubrics, im, lambda im: stage_rubrics.rubrics_for_image(im, seeds, teacher, cfg), on_rubric)
+        flow.run()
+    finally:
+        for f in files:
+            f.close()
+    return rubrics.result(), instructions.result(), responses.result()
+
+
 def build(cfg: BuildConfig, progress: bool = True, teacher: Teacher | None = None) -> BuildSummary:
     """Run (or resume) a build in `cfg.out` and return its summary. `teacher` overrides the one
     the config describes (tests, or a caller holding a model in memory). Raises RunLocked when
@@ -201,11 +270,9 @@ def _build(cfg: BuildConfig, run_dir: Path, progress: bool, teacher: Teacher | N
     teacher = teacher or make_teacher(cfg, run_dir)
     try:
         by_image = {im.image_id: im for im in images}
-        rub = stage_rubrics.run(images, seeds, teacher, run_dir, cfg, progress)
+        rub, ins, res = generate(images, seeds, teacher, run_dir, cfg, progress)
         by_rubric = {r.rubric_id: r for r in rub.records}
-        ins = stage_instructions.run(by_image, rub.records, teacher, run_dir, cfg, progress)
         by_ins = {i.instruction_id: i for i in ins.records}
-        res = stage_responses.run(by_image, by_rubric, ins.records, teacher, run_dir, cfg, progress)
         all_drops += rub.drops + ins.drops + res.drops
 
         examples = join_examples(by_image, by_rubric, by_ins, res.records)
@@ -257,4 +324,4 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
-__all__ = ["BuildSummary", "build", "join_examples", "load_summary", "read_jsonl"]
+__all__ = ["BuildSummary", "build", "generate", "join_examples", "load_summary", "read_jsonl"]

@@ -6,12 +6,11 @@ reference answer is what earns a 5. Exact repeats within one rubric are dropped 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from perception_collection.config import BuildConfig
 from perception_collection.rows import Drop, ImageRubric, Instruction, SourceImage, Teacher, TeacherError
-from perception_collection.store import StageResult, run_stage
+from perception_collection.store import StageFile
 
 STAGE = "instructions"
 FILE = "instructions.jsonl"
@@ -40,12 +39,6 @@ def instructions_for_rubric(
     return records, drops
 
 
-def run(
-    images: Mapping[str, SourceImage], rubrics: Sequence[ImageRubric], teacher: Teacher, run_dir: Path,
-    cfg: BuildConfig, progress: bool = True,
-) -> StageResult[Instruction]:
-    """Instructions for every rubric not done yet; appends to `<run>/instructions.jsonl`."""
-    return run_stage(
-        STAGE, Path(run_dir) / FILE, run_dir, [r for r in rubrics if r.image_id in images], lambda r: r.rubric_id,
-        "rubric_id", Instruction.from_dict, lambda r: instructions_for_rubric(images[r.image_id], r, teacher, cfg),
-        cfg.teacher.concurrency, progress)
+def open_file(run_dir: Path) -> StageFile[ImageRubric, Instruction]:
+    """`<run>/instructions.jsonl`: the instructions of each rubric, one group per rubric."""
+    return StageFile(STAGE, Path(run_dir) / FILE, run_dir, "rubric_id", lambda r: r.rubric_id, Instruction.from_dict)

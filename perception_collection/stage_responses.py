@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import statistics
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from perception_collection.config import BuildConfig
@@ -24,7 +23,7 @@ from perception_collection.rows import (
     Teacher,
     TeacherError,
 )
-from perception_collection.store import StageResult, run_stage
+from perception_collection.store import StageFile
 
 STAGE = "responses"
 FILE = "responses.jsonl"
@@ -66,15 +65,8 @@ def responses_for_instruction(
                        f"{'try' if tries == 1 else 'tries'} (max/min words of the five responses)")
 
 
-def run(
-    images: Mapping[str, SourceImage], rubrics: Mapping[str, ImageRubric], instructions: Sequence[Instruction],
-    teacher: Teacher, run_dir: Path, cfg: BuildConfig, progress: bool = True,
-) -> StageResult[GradedResponse]:
-    """Responses for every instruction not done yet; appends to `<run>/responses.jsonl`."""
-    # a responses drop always means the item is not done: the five responses come as one group or not at all
-    return run_stage(
-        STAGE, Path(run_dir) / FILE, run_dir,
-        [i for i in instructions if i.rubric_id in rubrics and i.image_id in images], lambda i: i.instruction_id,
-        "instruction_id", GradedResponse.from_dict,
-        lambda i: (responses_for_instruction(images[i.image_id], rubrics[i.rubric_id], i, teacher, cfg), []),
-        cfg.teacher.concurrency, progress)
+def open_file(run_dir: Path) -> StageFile[Instruction, GradedResponse]:
+    """`<run>/responses.jsonl`: the five responses of each instruction, one group per instruction
+    (a responses drop always means the item is not done: the five come as one group or not at all)."""
+    return StageFile(STAGE, Path(run_dir) / FILE, run_dir, "instruction_id", lambda i: i.instruction_id,
+                     GradedResponse.from_dict)

@@ -15,7 +15,7 @@ from pathlib import Path
 from perception_collection.config import BuildConfig
 from perception_collection.rows import Drop, ImageRubric, SeedRubric, SourceImage, Teacher, TeacherError
 from perception_collection.seeds import sample_seeds
-from perception_collection.store import StageResult, run_stage
+from perception_collection.store import StageFile
 
 STAGE = "rubrics"
 FILE = "rubrics.jsonl"
@@ -52,12 +52,6 @@ def rubrics_for_image(
     return records, drops
 
 
-def run(
-    images: Sequence[SourceImage], seeds: Sequence[SeedRubric], teacher: Teacher, run_dir: Path, cfg: BuildConfig,
-    progress: bool = True,
-) -> StageResult[ImageRubric]:
-    """Rubrics for every image not done yet; appends to `<run>/rubrics.jsonl` as each finishes."""
-    return run_stage(
-        STAGE, Path(run_dir) / FILE, run_dir, images, lambda im: im.image_id, "image_id", ImageRubric.from_dict,
-        lambda im: rubrics_for_image(im, seeds, teacher, cfg), cfg.teacher.concurrency, progress)
-
+def open_file(run_dir: Path) -> StageFile[SourceImage, ImageRubric]:
+    """`<run>/rubrics.jsonl`: the rubrics of each image, one group per image."""
+    return StageFile(STAGE, Path(run_dir) / FILE, run_dir, "image_id", lambda im: im.image_id, ImageRubric.from_dict)

@@ -1,4 +1,4 @@
-"""Append-only JSONL files that survive a killed run, and the concurrent task loop the stages share.
+"""Append-only JSONL files that survive a killed run, and the one pool of work items the stages share.
 
 Reading, appending, the torn-tail rule, atomic rewrites and the run-folder lock are the core's
 (`vlm_judge.jsonl`); this module adds groups. A stage writes all records of one parent item (the
@@ -11,6 +11,8 @@ half-used.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -146,35 +148,124 @@ def open_drops(run_dir: Path, stage: str, done: set[str] | dict | None = None) -
 P = TypeVar("P")
 
 
-def run_stage(
-    stage: str, path: Path, run_dir: Path, parents: Iterable[P], parent_id: Callable[[P], str], parent_key: str,
-    from_dict: Callable[[dict[str, Any]], T], work: Callable[[P], tuple[list[T], list[Drop]]],
-    concurrency: int, progress: bool,
-) -> StageResult[T]:
-    """The loop every generation stage shares: resume the parents already done from `path`, run
-    `work` on the rest concurrently, append each parent's records as one group as it finishes
-    (crash-safe), and record drops. A parent whose work raises gets one Drop and is retried on the
-    next run; `parent_key` is the field of a record that names its parent."""
-    parents = list(parents)
-    wanted = {parent_id(p) for p in parents}
-    done = {k: v for k, v in load_groups(path, parent_key).items() if k in wanted}
-    records = [from_dict(strip_tags(r)) for rows in done.values() for r in rows]
-    todo = [p for p in parents if parent_id(p) not in done]
-    drop_file, drops = open_drops(run_dir, stage, done)
-    n_done = 0
-    with JsonlWriter(path) as out, drop_file:
-        for parent, result, err in run_concurrently(todo, work, concurrency, stage, progress):
-            if err is not None:
-                new_drops = [Drop(parent_id(parent), stage, reason_of(err))]
-            else:
-                recs, new_drops = result
-                out.write_group([r.to_dict() for r in recs])  # type: ignore[attr-defined]
-                records += recs
-                n_done += 1
-            for d in new_drops:
-                drop_file.write(d.to_dict())
-            drops += new_drops
-    return StageResult(records, drops, resumed=len(done), done=n_done)
+class StageFile(Generic[P, T]):
+    """One generation stage's files: `path` holds each parent item's records as one group (appended
+    as the item finishes, so a kill keeps every finished item), `drops/<stage>.jsonl` its drops.
+
+    On open, complete groups from an earlier run are loaded (half-written ones discarded); a parent
+    found there is `resume`d without any work. Only parents visited in this run count in `result()`
+    (an image taken out of the recipe leaves its old records on disk but out of the build)."""
+
+    def __init__(self, stage: str, path: Path, run_dir: Path, parent_key: str, parent_id: Callable[[P], str],
+                 from_dict: Callable[[dict[str, Any]], T]) -> None:
+        self.stage, self.parent_id, self.from_dict = stage, parent_id, from_dict
+        self._groups = load_groups(path, parent_key)
+        self._drop_file, old = open_drops(run_dir, stage, self._groups)
+        self._old_drops: dict[str, list[Drop]] = {}
+        for d in old:
+            self._old_drops.setdefault(d.id, []).append(d)
+        self._out = JsonlWriter(path)
+        self.records: list[T] = []
+        self.drops: list[Drop] = []
+        self.resumed = self.done = 0
+
+    def resume(self, parent: P) -> list[T] | None:
+        """The records of a parent done in an earlier run (and its drops, still reported), or None."""
+        pid = self.parent_id(parent)
+        rows = self._groups.get(pid)
+        if rows is None:
+            return None
+        recs = [self.from_dict(strip_tags(r)) for r in rows]
+        self.records += recs
+        self.drops += self._old_drops.get(pid, [])
+        self.resumed += 1
+        return recs
+
+    def save(self, parent: P, records: list[T], drops: list[Drop]) -> None:
+        """Append one finished parent's records as one group, and its drops."""
+        self._out.write_group([r.to_dict() for r in records])  # type: ignore[attr-defined]
+        self.records += records
+        self.done += 1
+        self._drop(drops)
+
+    def fail(self, parent: P, err: BaseException) -> None:
+        """A parent whose work raised: one Drop; the item is retried on the next run."""
+        self._drop([Drop(self.parent_id(parent), self.stage, reason_of(err))])
+
+    def _drop(self, drops: list[Drop]) -> None:
+        for d in drops:
+            self._drop_file.write(d.to_dict())
+        self.drops += drops
+
+    def result(self) -> StageResult[T]:
+        """Records and drops of the parents visited in this run."""
+        return StageResult(self.records, self.drops, resumed=self.resumed, done=self.done)
+
+    def close(self) -> None:
+        """Close the stage's files."""
+        self._out.close()
+        self._drop_file.close()
+
+
+class Flow:
+    """One bounded pool of work items shared by every stage of a build.
+
+    `add(depth, fn, then)` queues `fn()`; when it returns (or raises an `Exception`), `then(result,
+    error)` runs in the thread that called `run()` (so files are written from one thread) and may
+    `add` the item's children. At most `concurrency` items run at once, across all stages, so a
+    stage's item starts as soon as its parent is back: no stage waits for the slowest item of the
+    one before. Ready items of the deepest stage go first (FIFO within a stage): finished items
+    reach the disk early, and new parents (images) are opened only when there is no deeper work, so
+    the number of images in flight, and the memory they hold, stays small. A few ready items wait
+    inside the pool so a worker never waits for this thread between calls. Anything that is not an
+    `Exception` (KeyboardInterrupt, SystemExit) stops the run, cancels what has not started, and
+    propagates.
+    """
+
+    def __init__(self, concurrency: int, progress: bool = True) -> None:
+        self.concurrency = max(1, int(concurrency))
+        self.progress = progress
+        self._ready: list[tuple[int, int, Callable[[], Any], Callable[[Any, BaseException | None], None], str]] = []
+        self._seq = itertools.count()
+        self._bars: dict[str, Any] = {}
+
+    def add(self, depth: int, fn: Callable[[], R], then: Callable[[R | None, BaseException | None], None],
+            desc: str) -> None:
+        """Queue one item of stage `desc` at `depth` (0 = first stage); `then` gets (result, error)."""
+        heapq.heappush(self._ready, (-depth, next(self._seq), fn, then, desc))
+        self._bar(desc).total += 1
+
+    def _bar(self, desc: str) -> Any:
+        if desc not in self._bars:
+            from tqdm.auto import tqdm
+
+            self._bars[desc] = tqdm(total=0, desc=desc, disable=not self.progress, unit="item", dynamic_ncols=True,
+                                    leave=True, position=len(self._bars))
+        return self._bars[desc]
+
+    def run(self) -> None:
+        """Run until no item is queued or running."""
+        limit = 2 * self.concurrency  # running + waiting inside the pool
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="pc-flow")
+        pending: dict[Future, tuple[Callable[[Any, BaseException | None], None], str]] = {}
+        try:
+            while self._ready or pending:
+                while self._ready and len(pending) < limit:
+                    _, _, fn, then, desc = heapq.heappop(self._ready)
+                    pending[pool.submit(fn)] = (then, desc)
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in [f for f in pending if f in done]:  # in the order they were started
+                    then, desc = pending.pop(fut)
+                    err = fut.exception()
+                    if err is not None and not isinstance(err, Exception):
+                        raise err
+                    bar = self._bars[desc]
+                    bar.update(1)
+                    then(None if err else fut.result(), err)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for bar in self._bars.values():
+                bar.close()
 
 
 def reason_of(err: BaseException) -> str:

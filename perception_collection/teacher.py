@@ -26,6 +26,7 @@ import json
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,6 +38,7 @@ from perception_collection.store import JsonlWriter, read_jsonl
 from vlm_judge.backends import Backend, GenerationParams, Prompt, get_backend
 from vlm_judge.records import ImageRef, RecordError, Rubric
 from vlm_judge.redact import redact_text, redact_url
+from vlm_judge.store import image_digest
 
 _VERDICT_TAIL = re.compile(r"(\s*(So the overall score is|Overall score:|Score:)\s*(\d)\s*\.?\s*)?(\[RESULT\]\s*(\d)\s*)?$",
                            re.I)
@@ -178,30 +180,61 @@ class TeacherCache:
             self._writer.close()
 
 
-_digest_lock = threading.Lock()
-_digests: dict[tuple[str, int, int], str] = {}
+class ImageFiles:
+    """The image files of a run, each read once: path -> its bytes (sent inline, so the backend
+    never re-reads the file) and their sha1 (for the cache key, never hashed again). An entry is
+    checked against the file's size and mtime on each use, so a replaced file is read again.
+
+    Bounded memory: least recently used entries are forgotten beyond `max_bytes` (default 256 MiB;
+    the build works on few images at a time, so an image is normally read once per run even when
+    the run holds many more). A file larger than the bound is read per use and not kept."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.reads = 0
+        """Files read so far (what the bound costs: more reads than images means it was too small)."""
+        self._entries: OrderedDict[str, tuple[tuple[int, int], str, ImageRef]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> tuple[ImageRef, str]:
+        """(an inline ImageRef holding the file's bytes, their sha1 hex digest). Raises TeacherError
+        when the file cannot be read."""
+        try:
+            st = os.stat(path)
+            stamp = (st.st_size, st.st_mtime_ns)
+            # one lock around the read too: two items of the same image starting together read it once
+            with self._lock:
+                hit = self._entries.get(path)
+                if hit is not None and hit[0] == stamp:
+                    self._entries.move_to_end(path)
+                    return hit[2], hit[1]
+                with open(path, "rb") as f:
+                    data = f.read()
+                self.reads += 1
+                ref, digest = ImageRef(data=data), hashlib.sha1(data).hexdigest()
+                if hit is not None:
+                    self._bytes -= len(hit[2].data or b"")
+                    del self._entries[path]
+                if len(data) <= self.max_bytes:
+                    self._entries[path] = (stamp, digest, ref)
+                    self._bytes += len(data)
+                    while self._bytes > self.max_bytes:
+                        _, (_, _, old) = self._entries.popitem(last=False)
+                        self._bytes -= len(old.data or b"")
+                return ref, digest
+        except OSError as e:
+            raise TeacherError(f"cannot read image {path}: {e.strerror or e}") from e
 
 
-def image_digest(path: str) -> str:
-    """sha1 of an image file's bytes (memoised by path, size and mtime): the cache keys on what the
-    teacher saw, so a re-run in another folder hits, and a replaced file misses."""
-    st = os.stat(path)
-    k = (str(path), st.st_size, st.st_mtime_ns)
-    with _digest_lock:
-        if k in _digests:
-            return _digests[k]
-    with open(path, "rb") as f:
-        d = hashlib.sha1(f.read()).hexdigest()
-    with _digest_lock:
-        _digests[k] = d
-    return d
-
-
-def request_key(model: str, prompt: Prompt, params: GenerationParams, identity: dict[str, Any] | None = None) -> str:
+def request_key(model: str, prompt: Prompt, params: GenerationParams, identity: dict[str, Any] | None = None,
+                image_digests: Sequence[str] | None = None) -> str:
     """Hash of everything that decides the teacher's output: the model, the prompt and its image
     bytes, every sampling field (the seed only when sampling), and `identity`, what else decides the
-    answer about the backend (its endpoints, extra request fields such as top_k or response_format)."""
-    imgs = [image_digest(im.path) if im.path else hashlib.sha1(im.data or b"").hexdigest() for im in prompt.images]
+    answer about the backend (its endpoints, extra request fields such as top_k or response_format).
+    `image_digests`: the sha1 of each prompt image when the caller knows them (not hashed again);
+    an image's digest is the same from a file or inline, so the key is too."""
+    imgs = list(image_digests) if image_digests is not None else [image_digest(im) for im in prompt.images]
     sampling = asdict(params)  # every field, so a new sampling field can never be left out
     if params.temperature <= 0:
         sampling["seed"] = None  # greedy decoding does not depend on the seed
@@ -267,6 +300,8 @@ class LLMTeacher:
         self.identity = identity if identity is not None else backend_identity(backend)
         """Part of every cache key (see `request_key`)."""
         self.max_chars = max_chars or CHARS_PER_TOKEN_CAP * self.params.max_new_tokens
+        self.images = ImageFiles()
+        """Each image file read and hashed once per run (see ImageFiles for the memory bound)."""
         self.cache = cache if cache is not None else TeacherCache(None)  # (an empty cache is falsy)
         self.parse_retries = parse_retries
         self.stats = TeacherStats()
@@ -281,12 +316,12 @@ class LLMTeacher:
             for k, v in kw.items():
                 setattr(self.stats, k, getattr(self.stats, k) + v)
 
-    def _generate(self, prompt: Prompt, attempt: int) -> str:
+    def _generate(self, prompt: Prompt, attempt: int, image_digests: Sequence[str] | None = None) -> str:
         """The teacher's text for this prompt: from the cache, or one backend call (then cached)."""
         params = replace(self.params, seed=(self.params.seed or 0) + attempt)
         if attempt and params.temperature == 0:
             params = replace(params, temperature=0.3)  # greedy decoding would repeat itself: a retry samples a little
-        key = request_key(self.name, prompt, params, self.identity)
+        key = request_key(self.name, prompt, params, self.identity, image_digests)
         hit = self.cache.get(key)
         if hit is not None:
             self._count(cache_hits=1)
@@ -314,12 +349,16 @@ class LLMTeacher:
     def _ask(self, image: SourceImage | None, user: str, parse: Any, draw: int = 0) -> Any:
         """Call, parse; on a parse failure try again (another seed) up to `parse_retries` times.
         `draw` > 0 asks for a fresh sample of the same prompt (another seed, another cache key)."""
-        prompt = Prompt(user=user, system=P.SYSTEM,
-                        images=(ImageRef(path=image.path),) if image is not None else ())
+        images: tuple[ImageRef, ...] = ()
+        digests: list[str] = []
+        if image is not None:
+            ref, digest = self.images.get(image.path)
+            images, digests = (ref,), [digest]
+        prompt = Prompt(user=user, system=P.SYSTEM, images=images)
         last: TeacherError | None = None
         for attempt in range(self.parse_retries + 1):
             # a failed call raises: retrying on HTTP errors is the backend's job
-            text = self._generate(prompt, attempt + 1000 * draw)
+            text = self._generate(prompt, attempt + 1000 * draw, digests)
             try:
                 return parse(extract_json(text))
             except TeacherError as e:

@@ -38,8 +38,8 @@ from typing import Any, Literal
 
 from vlm_judge.backends.base import Generation, GenerationParams, Prompt
 from vlm_judge.options import ConfigError
-from vlm_judge.redact import redact_url
 from vlm_judge.records import ImageRef
+from vlm_judge.redact import redact_url
 
 CHECK_TIMEOUT = 10.0
 """Seconds the up-front server check waits for each endpoint (at most the request timeout)."""

@@ -67,15 +67,21 @@ def judge_cached(
             if line is not None:
                 done[fp] = to_judgment(line)
         todo = [k for k, fp in enumerate(fps) if fp not in done]
-        for start in range(0, len(todo), chunk):
-            idx = todo[start : start + chunk]
-            got = judge.grade([requests[k] for k in idx])
+        index = {id(requests[k]): k for k in todo}
+        finished = 0
+        # chunks are saved as each finishes; with a server several are in flight (Judge.grade_chunks)
+        chunks = ([requests[k] for k in todo[start : start + chunk]] for start in range(0, len(todo), chunk))
+        for reqs, got in judge.grade_chunks(chunks):
+            if isinstance(got, Exception):
+                raise got
+            idx = [index[id(r)] for r in reqs]
             for k, j in zip(idx, got):
                 done[fps[k]] = j
             if store:
                 store.add([{**j.to_dict(), FINGERPRINT: fps[k]} for k, j in zip(idx, got)])
+            finished += len(reqs)
             if progress:
-                progress(min(start + chunk, len(todo)), len(todo))
+                progress(finished, len(todo))
         if store and (todo or store.bad_lines):
             store.compact()
     return [done[fp] for fp in fps]

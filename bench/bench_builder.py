@@ -48,15 +48,9 @@ IMAGE_SIZE = 512
 def serve(latency: float) -> None:
     """Serve the scripted model, each call delayed by `latency`; print the base URL, run until stdin closes."""
     sys.path.insert(0, str(ROOT))
+    from tests.fault_server import Fault, start_server
     from tests.pc_script import ScriptedVLM
-    from vlm_judge import serve as serve_mod
-    from vlm_judge.serve import Fault, start_server
 
-    # socketserver's listen backlog is 5 and 64 clients connect at once: under load, calls failed
-    # and stalled (likely refused connections waiting for the kernel's 1 s SYN retry), a limit of
-    # the server, not the builder's, so the bench's server takes a deeper backlog
-    if not os.environ.get("BENCH_DEFAULT_BACKLOG"):
-        serve_mod._Server.request_queue_size = 1024
     faults = (lambda n, body: Fault(status=None, delay=latency)) if latency > 0 else None
     with start_server(ScriptedVLM(), faults=faults, max_batch=64, batch_wait=0.0) as srv:
         print(srv.base_url, flush=True)

@@ -470,6 +470,18 @@ PHOTO_QUESTIONS = {
 }
 
 
+def _photo_why(row: dict[str, Any]) -> str:
+    """One line on the score, beside it: a right answer graded low is the judge's narrow world
+    (it learned easy-vqa's colours and shapes, not photos), not a parse accident."""
+    if row["score"] is None:
+        return f"no verdict ({row['status']})"
+    if row["right"] and row["score"] <= 2:
+        return "right, graded low: the photo's fact is outside easy-vqa's colours and shapes, the only ones it learned"
+    if not row["right"] and row["score"] >= 4:
+        return "wrong, graded high: the judge misread the photo as an easy-vqa shape"
+    return "as expected"
+
+
 def score_photos(cfg: DemoConfig, out: Path, trained: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
     """The vision judge grading answers about real photos (scikit-image samples). It was trained on
     shapes only, so this shows the judge working on any image, not a measured skill."""
@@ -489,8 +501,8 @@ def score_photos(cfg: DemoConfig, out: Path, trained: dict[str, Any], progress: 
     for name, (q, good, bad) in PHOTO_QUESTIONS.items():
         path = photos / f"{name}.png"
         Image.fromarray(getattr(skdata, name)()).convert("RGB").save(path)
-        for resp in (good, bad):
-            rows.append({"photo": name, "image": str(path), "question": q, "response": resp})
+        for resp, right in ((good, True), (bad, False)):
+            rows.append({"photo": name, "image": str(path), "question": q, "response": resp, "right": right})
     js = judge.absolute_grade([r["question"] for r in rows], [r["response"] for r in rows], RUBRIC,
                               images=[r["image"] for r in rows])
     for r, j in zip(rows, js):
@@ -500,10 +512,12 @@ def score_photos(cfg: DemoConfig, out: Path, trained: dict[str, Any], progress: 
              "The judge was trained on easy-vqa shapes only; these photos show it running on any image. "
              "What it can say is easy-vqa's: eight colours (no white), three shapes, two sizes, so a white "
              "rocket can only be read as one of those colours.", "",
-             "| photo | question | response | score | feedback |", "|---|---|---|---|---|"]
+             "| photo | question | response | right about the photo? | score | why | feedback |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| ![{r['photo']}](photos/{r['photo']}.png) | {r['question']} | {r['response']} | "
-                     f"{r['score']} | {(r['feedback'] or '').replace('|', '/')} |")
+                     f"{'yes' if r['right'] else 'no'} | {r['score']} | {_photo_why(r)} | "
+                     f"{(r['feedback'] or '').replace('|', '/')} |")
     (out / "photos.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return rows
 

@@ -17,8 +17,8 @@ from perception_collection.config import BuildConfig
 from perception_collection.pipeline import build
 from perception_collection.rows import TeacherError
 from perception_collection.teacher import ImageFiles
+from tests.fault_server import Fault, start_server
 from tests.pc_script import ScriptedVLM, stage_of
-from vlm_judge.serve import Fault, start_server
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket"]
 

@@ -16,7 +16,7 @@ import sys
 from eval.benchmarks import FORMATS
 from eval.probes import PROBES
 from vlm_judge.judge_options import add_judge_options, judge_parser
-from vlm_judge.options import ConfigError, parse_pairs
+from vlm_judge.options import ConfigError, output_problem, parse_pairs
 
 EXIT_OK, EXIT_CONFIG, EXIT_ITEM_ERRORS = 0, 2, 3
 
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from vlm_judge.jsonl import Locked
 
     try:
+        problem = output_problem(args.out, folder=True, name="--out")
+        if problem:
+            raise ConfigError(problem)
         lo, hi = (float(x) for x in args.gold_scale.split(","))
         probes = list(PROBES) if args.probes.strip() == "all" else [p.strip() for p in args.probes.split(",") if p.strip()]
         self_models: dict[str, list[str]] = {}

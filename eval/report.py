@@ -16,6 +16,7 @@ from typing import Any
 from eval import plots
 from eval.agreement import PRIMARY, _clean
 from eval.compare import side_by_side
+from vlm_judge.redact import redact_urls
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", headers, rows) | ("img", relpath, alt) | ("list", items)
 
@@ -281,7 +282,9 @@ def write_report(res: dict[str, Any], out: str | Path) -> Path:
         "version": res["version"],
     }
     (out / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2, default=str), encoding="utf-8")
-    (out / "config.json").write_text(json.dumps(_clean(res["config"]), indent=2, default=str), encoding="utf-8")
+    # server URLs are kept as scheme://host:port/path: no credentials or keys in a report
+    (out / "config.json").write_text(json.dumps(redact_urls(_clean(res["config"])), indent=2, default=str),
+                                     encoding="utf-8")
     with (out / "judgments.jsonl").open("w", encoding="utf-8") as f:
         for label, js in res["judgments"].items():
             exp = (res.get("expected") or {}).get(label)

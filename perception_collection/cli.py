@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from perception_collection.config import BuildConfig, ConfigError
+from vlm_judge.options import output_problem
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -168,17 +169,6 @@ def teacher_problem(cfg: BuildConfig) -> str | None:
     return None
 
 
-def out_problem(out: str) -> str | None:
-    """Why the run folder cannot be made, or None: it is a file, or lies under one."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        return f"out={out} is a file, not a folder"
-    for parent in p.parents:
-        if parent.exists():
-            return None if parent.is_dir() else f"out={out} lies under {parent}, which is a file"
-    return None
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vlm-judge data", description="Build Perception-Collection-style judge data.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -240,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     where = (f" (a recipe's relative paths are taken from its folder, {recipe.parent}; point them at your data"
              " with source.FIELD=PATH, relative to the working folder, or copy the recipe beside the data)") if missing else ""
     problems = [f"source file(s) not found: {', '.join(missing)}{where}"] if missing else []
-    problems += [p for p in (teacher_problem(cfg), out_problem(cfg.out)) if p]
+    problems += [p for p in (teacher_problem(cfg), output_problem(cfg.out, folder=True, name="out")) if p]
     if problems:
         print(f"vlm-judge data build: {'; '.join(problems)}", file=sys.stderr)
         return EXIT_USAGE

@@ -104,3 +104,22 @@ def test_subcommands_are_not_shadowed_by_files_in_the_working_folder(tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert "user file" not in r.stdout + r.stderr and "usage" in r.stdout
+
+
+def test_output_paths_are_checked_before_anything_loads(tmp_path, capsys):
+    """`--out` that is a folder (score) or a file (eval), or lies under a file: one line, exit 2."""
+    from eval.cli import main as eval_main
+    from vlm_judge.cli import main as vlm_main
+    from vlm_judge.options import output_problem
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "q", "response": "r", "rubric": {"criteria": "c"}}\n')
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    assert output_problem(tmp_path / "new" / "o.jsonl", folder=False) is None
+    for out in ("a_dir", "a_file/o.jsonl"):
+        assert vlm_main(["score", str(rows), "--judge", "mock", "--out", str(tmp_path / out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and "--out" in err
+    assert eval_main([str(rows), "--judge", "mock", "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from train.encode import Encoder, collate
 from train.evaluate import evaluate
 from train.judge_folder import save_judge, write_readme
 from train.model import load_base, prepare_for_training, resolve_base
+from vlm_judge.options import output_problem
 from vlm_judge.redact import redact_urls
 
 log = logging.getLogger("vlm_judge.train")
@@ -139,13 +140,9 @@ def check_inputs(cfg: TrainConfig) -> None:
                 problems.append(f"{name}: {f} is a folder, not a data file")
     if not cfg.train_data:
         problems.append("train_data: required (JSON/JSONL/parquet files)")
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        problems.append(f"output_dir: {out} is a file, not a folder")
-    else:
-        parent = next((q for q in out.parents if q.exists()), None)
-        if parent is not None and not parent.is_dir():
-            problems.append(f"output_dir: {out} lies under {parent}, which is a file")
+    out_problem = output_problem(cfg.output_dir, folder=True, name="output_dir")
+    if out_problem:
+        problems.append(out_problem)
     b = cfg.base_model
     if b.startswith(("/", "./", "../", "~")) and not Path(b).expanduser().exists():
         problems.append(f"base_model: no such model folder {b}")

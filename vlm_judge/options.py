@@ -134,4 +134,17 @@ def recipe_path(value: str, recipe_dir: str | Path, model_name: bool = False) ->
     return str(candidate)
 
 
-__all__ = ["ConfigError", "json_value", "parse_overrides", "parse_pairs", "recipe_path", "set_dotted", "yaml_value"]
+def output_problem(path: str | Path, folder: bool, name: str = "out") -> str | None:
+    """Why an output cannot be written where a flag or recipe field `name` says, or None: a file
+    output that is a folder, a folder output that is a file, or either lying under a file.
+    Checked before any model loads, so a typo costs one line, not a traceback after minutes."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        return f"{name}: {p} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}"
+    parent = next((q for q in p.parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"{name}: {p} lies under {parent}, which is a file"
+    return None
+
+
+__all__ = ["output_problem", "ConfigError", "json_value", "parse_overrides", "parse_pairs", "recipe_path", "set_dotted", "yaml_value"]

@@ -1,4 +1,5 @@
-"""URLs made safe to write into outputs: no credentials, no query string, no fragment.
+"""URLs made safe to write into outputs: no credentials, no query string, no fragment (and secret
+fields of a configuration masked).
 
 A `--base-url` or `teacher.base_url` may carry `user:pass@` or a `?key=...` query; whatever a run
 writes (summaries, resolved recipes, drop reasons, logs) keeps only scheme://host:port/path, which
@@ -38,12 +39,18 @@ def redact_text(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
 
 
+# field names that hold a secret itself (not api_key_env, which names a variable, nor max_tokens)
+_SECRET_KEY = re.compile(r"api_?key|(access_|auth_|bearer_)?token|secret|password", re.I)
+
+
 def redact_urls(obj: Any) -> Any:
-    """A copy of a JSON-like value (dicts, lists, strings) with the URLs in every string redacted."""
+    """A copy of a JSON-like value (dicts, lists, strings) with the URLs in every string redacted,
+    and the value of every field whose name says it is a secret (api_key, token, ...) masked."""
     if isinstance(obj, str):
         return redact_text(obj)
     if isinstance(obj, dict):
-        return {k: redact_urls(v) for k, v in obj.items()}
+        return {k: "***" if isinstance(k, str) and _SECRET_KEY.fullmatch(k) and v else redact_urls(v)
+                for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact_urls(v) for v in obj)
     return obj

@@ -27,7 +27,7 @@ from vlm_judge import __version__
 from vlm_judge.inputs import InputOptions, RowError, count_rows, load_rubrics, read_requests
 from vlm_judge.jsonl import Locked
 from vlm_judge.judge_options import add_judge_options, judge_kwargs, judge_parser
-from vlm_judge.options import parse_pairs
+from vlm_judge.options import output_problem, parse_pairs
 from vlm_judge.records import JudgeRequest, Judgment
 from vlm_judge.scorer import Judge
 from vlm_judge.store import FINAL, FINGERPRINT, Fingerprinter, JudgmentStore
@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         opts = _input_options(args)
         total = count_rows(args.input)  # a missing file or an unsupported type fails before the model loads
+        problem = output_problem(args.out, folder=False, name="--out")
+        if problem:
+            raise ValueError(problem)
         judge = _load_judge(args)
         fingerprint = Fingerprinter(judge)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:

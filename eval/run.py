@@ -7,15 +7,14 @@ again on a re-run, and the file is locked while a run writes to it. The rules ar
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_judge.card import default_kind
 from vlm_judge.records import JudgeRequest, Judgment
-from vlm_judge.scorer import Judge
-from vlm_judge.store import FINGERPRINT, Fingerprinter, JudgmentStore, to_judgment
+from vlm_judge.store import judge_cached
+
+__all__ = ["JudgeSpec", "error_judgment", "judge_cached", "parse_judge"]
 
 
 @dataclass(frozen=True)
@@ -44,47 +43,6 @@ def parse_judge(spec: str) -> JudgeSpec:
         if spec.startswith(kind + ":"):
             return JudgeSpec(spec[len(kind) + 1 :], kind, backend)
     return JudgeSpec(spec, default_kind(spec), backend)
-
-
-def judge_cached(
-    judge: Judge,
-    requests: Sequence[JudgeRequest],
-    cache: str | Path | None = None,
-    chunk: int = 64,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[Judgment]:
-    """Grade `requests` (ids must be unique), reusing and appending to the JSONL `cache`."""
-    ids = [r.id for r in requests]
-    if len(set(ids)) != len(ids):
-        raise ValueError("request ids must be unique within one run")
-    fingerprint = Fingerprinter(judge)
-    fps = [fingerprint(r) for r in requests]
-    with contextlib.ExitStack() as stack:
-        store = stack.enter_context(JudgmentStore(cache, key=FINGERPRINT, what="eval")) if cache else None
-        done: dict[str, Judgment] = {}
-        for r, fp in zip(requests, fps):
-            line = store.reusable(r.id, fp) if store else None
-            if line is not None:
-                done[fp] = to_judgment(line)
-        todo = [k for k, fp in enumerate(fps) if fp not in done]
-        index = {id(requests[k]): k for k in todo}
-        finished = 0
-        # chunks are saved as each finishes; with a server several are in flight (Judge.grade_chunks)
-        chunks = ([requests[k] for k in todo[start : start + chunk]] for start in range(0, len(todo), chunk))
-        for reqs, got in judge.grade_chunks(chunks):
-            if isinstance(got, Exception):
-                raise got
-            idx = [index[id(r)] for r in reqs]
-            for k, j in zip(idx, got):
-                done[fps[k]] = j
-            if store:
-                store.add([{**j.to_dict(), FINGERPRINT: fps[k]} for k, j in zip(idx, got)])
-            finished += len(reqs)
-            if progress:
-                progress(finished, len(todo))
-        if store and (todo or store.bad_lines):
-            store.compact()
-    return [done[fp] for fp in fps]
 
 
 def error_judgment(request: JudgeRequest, judge: str, reason: str) -> Judgment:

@@ -95,8 +95,12 @@ def test_in_training_eval_equals_vlm_judge_score_with_the_saved_judge(run, tmp_p
     assert j.raw_output  # the decoder wrote text
     # the metrics logged at the end of training are those of the saved judge's scores
     logged = json.loads((res.output_dir / "train_log.json").read_text())["evals"][-1]
-    logged.pop("step")
+    step = int(logged.pop("step"))
     assert json.dumps(logged, sort_keys=True) == json.dumps(metrics(mine, examples), sort_keys=True)  # NaN-safe
+    # and the judgments behind them were written through the judgment store, as score writes them
+    saved = [json.loads(x) for x in (res.output_dir / "eval" / f"step-{step}.jsonl").read_text().splitlines()]
+    assert [(x["id"], x["raw_output"], x["score"]) for x in saved] == [(j.id, j.raw_output, j.score) for j in mine]
+    assert all("fingerprint" in x for x in saved)
 
 
 def test_only_existing_paths_inside_the_folder_become_relative(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from train.data import Example
@@ -17,6 +18,7 @@ from train.encode import Encoder
 from vlm_judge.backends.base import GenerationParams
 from vlm_judge.records import Judgment
 from vlm_judge.scorer import Judge, ScorerConfig
+from vlm_judge.store import judge_cached
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
@@ -33,9 +35,13 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def heldout_judgments(model: Any, encoder: Encoder | None, examples: Sequence[Example], batch_size: int = 8,
-                      max_new_tokens: int = 256, backend: Any = None, template: str | None = None) -> list[Judgment]:
+                      max_new_tokens: int = 256, backend: Any = None, template: str | None = None,
+                      save: str | Path | None = None) -> list[Judgment]:
     """The judge's greedy judgments of held-out examples, one retry-free attempt each, no swap.
-    `model` is decoded in memory with `encoder`'s processor; `backend` replaces it (e.g. a served judge)."""
+    `model` is decoded in memory with `encoder`'s processor; `backend` replaces it (e.g. a served judge).
+    `save`: a JSONL file the judgments are written to through the judgment store (the lines
+    `vlm-judge score` writes). It is started afresh: the weights change between evaluations, so
+    nothing in it may be reused."""
     if not examples:
         return []
     was_training = bool(getattr(model, "training", False))
@@ -46,8 +52,10 @@ def heldout_judgments(model: Any, encoder: Encoder | None, examples: Sequence[Ex
     cfg = ScorerConfig(template=template or (encoder.template if encoder else "default"), batch_size=batch_size,
                        max_parse_retries=0, swap=False,
                        params=GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    if save is not None:
+        Path(save).unlink(missing_ok=True)
     try:
-        return Judge(backend, cfg).grade([ex.request for ex in examples])
+        return judge_cached(Judge(backend, cfg, name="in-training"), [ex.request for ex in examples], save)
     finally:
         if was_training:  # the decoder puts the model in eval mode; training goes on after this
             model.train()
@@ -70,6 +78,8 @@ def metrics(judgments: Sequence[Judgment], examples: Sequence[Example]) -> dict[
 
 
 def evaluate(model: Any, encoder: Encoder | None, examples: Sequence[Example], batch_size: int = 8,
-             max_new_tokens: int = 256, backend: Any = None, template: str | None = None) -> dict[str, float]:
+             max_new_tokens: int = 256, backend: Any = None, template: str | None = None,
+             save: str | Path | None = None) -> dict[str, float]:
     """Metrics of `heldout_judgments` (same arguments)."""
-    return metrics(heldout_judgments(model, encoder, examples, batch_size, max_new_tokens, backend, template), examples)
+    return metrics(heldout_judgments(model, encoder, examples, batch_size, max_new_tokens, backend, template, save),
+                   examples)

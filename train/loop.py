@@ -274,7 +274,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             info("in-training eval skipped under FSDP/DeepSpeed (score the saved judge instead)")
             return
         if acc.is_main_process:
-            metrics = evaluate(acc.unwrap_model(model), encoder, heldout, cfg.eval_batch_size, cfg.eval_max_new_tokens)
+            # every judgment is kept beside the judge, in the lines `vlm-judge score` writes
+            metrics = evaluate(acc.unwrap_model(model), encoder, heldout, cfg.eval_batch_size, cfg.eval_max_new_tokens,
+                               save=Path(cfg.output_dir) / "eval" / f"step-{step}.jsonl")
             res.evals.append({"step": float(step), **metrics})
             info("step %d eval %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             if trackers:

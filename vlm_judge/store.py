@@ -39,12 +39,16 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlm_judge.jsonl import BadLine, JsonlAppender, exclusive_lock, iter_jsonl, write_jsonl_atomic
 from vlm_judge.records import ImageRef, JudgeRequest, Judgment
+
+if TYPE_CHECKING:  # the scorer imports nothing of this module's callers; only the type is needed
+    from vlm_judge.scorer import Judge
 
 PROMPT_FORMAT_VERSION = 1
 """Bump when a release changes what a judge is shown for the same request and template (the
@@ -187,5 +191,49 @@ class JudgmentStore:
         return rows
 
 
-__all__ = ["FINAL", "FINGERPRINT", "PROMPT_FORMAT_VERSION", "Fingerprinter", "JudgmentStore", "image_digest",
+def judge_cached(
+    judge: Judge,
+    requests: Sequence[JudgeRequest],
+    cache: str | Path | None = None,
+    chunk: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Judgment]:
+    """Grade `requests` (ids must be unique), reusing and appending to the JSONL `cache` (keyed by
+    fingerprint, so one file may hold several settings' judgments; None: no file). Chunks go through
+    `Judge.grade_chunks`, so a server sees its full concurrency. Used by `vlm-judge eval` and by
+    the in-training evaluation."""
+    ids = [r.id for r in requests]
+    if len(set(ids)) != len(ids):
+        raise ValueError("request ids must be unique within one run")
+    fingerprint = Fingerprinter(judge)
+    fps = [fingerprint(r) for r in requests]
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(JudgmentStore(cache, key=FINGERPRINT, what="eval")) if cache else None
+        done: dict[str, Judgment] = {}
+        for r, fp in zip(requests, fps):
+            line = store.reusable(r.id, fp) if store else None
+            if line is not None:
+                done[fp] = to_judgment(line)
+        todo = [k for k, fp in enumerate(fps) if fp not in done]
+        index = {id(requests[k]): k for k in todo}
+        finished = 0
+        # chunks are saved as each finishes; with a server several are in flight (Judge.grade_chunks)
+        chunks = ([requests[k] for k in todo[start : start + chunk]] for start in range(0, len(todo), chunk))
+        for reqs, got in judge.grade_chunks(chunks):
+            if isinstance(got, Exception):
+                raise got
+            idx = [index[id(r)] for r in reqs]
+            for k, j in zip(idx, got):
+                done[fps[k]] = j
+            if store:
+                store.add([{**j.to_dict(), FINGERPRINT: fps[k]} for k, j in zip(idx, got)])
+            finished += len(reqs)
+            if progress:
+                progress(finished, len(todo))
+        if store and (todo or store.bad_lines):
+            store.compact()
+    return [done[fp] for fp in fps]
+
+
+__all__ = ["judge_cached", "FINAL", "FINGERPRINT", "PROMPT_FORMAT_VERSION", "Fingerprinter", "JudgmentStore", "image_digest",
            "to_judgment"]

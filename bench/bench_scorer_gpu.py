@@ -23,21 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}
 
 
-def build(device: str, smoke: bool = False):
-    import torch
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def shape(smoke: bool = False):
+    """(LlavaConfig, LlavaProcessor) of LLaVA-1.5-7B's shape (CLIP ViT-L/14-336 + a 7B Llama), or of
+    a toy size with the same structure for --smoke; no weights."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
 
     from vlm_judge.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
     tok = build_tokenizer()
-    # --smoke: the same code on a toy size, to check the script on a CPU
     vh, vl, vheads, th, tl, theads, ti, vocab = (64, 2, 4, 128, 2, 2, 384, 512) if smoke else (1024, 24, 16, 4096, 32, 32, 11008, 32064)
     vision = CLIPVisionConfig(hidden_size=vh, intermediate_size=4 * vh, num_hidden_layers=vl, num_attention_heads=vheads,
                               image_size=336, patch_size=14, projection_dim=768)
@@ -46,16 +39,26 @@ def build(device: str, smoke: bool = False):
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
                       vision_feature_select_strategy="default", vision_feature_layer=-2)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(cfg, dtype=torch.float32 if smoke else torch.bfloat16).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
     proc = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
         tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
+    return cfg, proc
+
+
+def build(device: str, smoke: bool = False):
+    """The benchmark's model, randomly initialised on `device` (bf16; float32 for --smoke)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    cfg, proc = shape(smoke)
+    tok = proc.tokenizer
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(cfg, dtype=torch.float32 if smoke else torch.bfloat16).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
     return model, proc
 
 

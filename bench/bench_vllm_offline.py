@@ -22,28 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def save_shape(folder: Path, smoke: bool) -> Path:
-    """config.json + processor of the benchmark's shape (no weights: vLLM makes dummy ones)."""
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+    """config.json + processor of bench_scorer_gpu's shape (no weights: vLLM makes dummy ones)."""
+    from bench.bench_scorer_gpu import shape
 
-    from vlm_judge.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
-
-    tok = build_tokenizer()
-    vh, vl, vheads, th, tl, theads, ti, vocab = (64, 2, 4, 128, 2, 2, 384, 512) if smoke else (1024, 24, 16, 4096, 32, 32, 11008, 32064)
-    vision = CLIPVisionConfig(hidden_size=vh, intermediate_size=4 * vh, num_hidden_layers=vl, num_attention_heads=vheads,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(vocab_size=vocab, hidden_size=th, intermediate_size=ti, num_hidden_layers=tl,
-                       num_attention_heads=theads, num_key_value_heads=theads, max_position_embeddings=4096,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    cfg, proc = shape(smoke)
     cfg.architectures = ["LlavaForConditionalGeneration"]
     cfg.torch_dtype = "float32" if smoke else "bfloat16"
     cfg.save_pretrained(folder)
-    LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    ).save_pretrained(folder)
+    proc.save_pretrained(folder)
     return folder
 
 

@@ -218,16 +218,16 @@ def _new_rows(old: Any, counts: tuple[int, ...], seed: int) -> list[Any]:
 def convert(src: str | Path, vision_tower: str | Path, out: str | Path, dtype: str = "auto",
             template: str = "prometheus-vision", seed: int = 0) -> ConvertReport:
     """Convert an original LLaVA checkpoint folder (plus a CLIP folder) into a judge folder at `out`."""
+    t0 = time.perf_counter()
+    src, clip_dir, out = Path(src), Path(vision_tower), Path(out)
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():  # said before torch and transformers are imported (seconds)
+        raise ConvertError(f"{src}: no config.json (not a checkpoint folder)")
     import torch
     from transformers import AddedToken, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from vlm_judge.card import save_card
 
-    t0 = time.perf_counter()
-    src, clip_dir, out = Path(src), Path(vision_tower), Path(out)
-    cfg_path = src / "config.json"
-    if not cfg_path.is_file():
-        raise ConvertError(f"{src}: no config.json (not a checkpoint folder)")
     original = json.loads(cfg_path.read_text(encoding="utf-8"))
     if "mm_vision_tower" not in original and "LlavaLlamaForCausalLM" not in (original.get("architectures") or []):
         raise ConvertError(f"{src}: not an original LLaVA checkpoint (no mm_vision_tower, not LlavaLlamaForCausalLM)")

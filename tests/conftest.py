@@ -12,11 +12,13 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
-    # CI has 2 cores; more threads only contend
+    # CI has 2 cores; more threads only contend. OMP_NUM_THREADS=1 is honoured (a shared dev machine
+    # running several jobs on 2 cores)
     try:
         import torch
 
-        torch.set_num_threads(2)
+        n = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(n) if n.isdigit() and int(n) > 0 else 2)
     except ImportError:
         pass
 

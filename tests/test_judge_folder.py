@@ -4,7 +4,6 @@ exactly as `vlm-judge score` does with the saved judge."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -20,15 +19,6 @@ from train.evaluate import heldout_judgments, metrics  # noqa: E402
 from train.loop import train  # noqa: E402
 
 NEW_TOKENS = 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

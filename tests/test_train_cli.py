@@ -4,7 +4,6 @@ real-image rows, and writes a judge folder that `vlm-judge score --judge FOLDER`
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 RECIPE = Path(__file__).resolve().parents[1] / "train" / "recipes" / "tiny-debug.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    yield
-    torch.set_num_threads(before)
 
 
 def test_tiny_recipe_trains_and_the_judge_scores(tmp_path):

@@ -16,18 +16,6 @@ from train.loop import train  # noqa: E402
 from vlm_judge.card import load_card  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    # honour OMP_NUM_THREADS=1 (the shared dev machine runs many jobs on 2 cores; conftest sets 2)
-    import os
-
-    before = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(sample_images, tmp_path_factory):
     d = tmp_path_factory.mktemp("train_data")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -15,15 +13,6 @@ from train.judge_folder import load_judge  # noqa: E402
 from train.loop import train  # noqa: E402
 from train.merge import merge_judges  # noqa: E402
 from vlm_judge.card import load_card  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -517,7 +517,7 @@ def score_photos(cfg: DemoConfig, out: Path, trained: dict[str, Any], progress: 
     for r in rows:
         lines.append(f"| ![{r['photo']}](photos/{r['photo']}.png) | {r['question']} | {r['response']} | "
                      f"{'yes' if r['right'] else 'no'} | {r['score']} | {_photo_why(r)} | "
-                     f"{(r['feedback'] or '').replace('|', '/')} |")
+                     f"{' '.join((r['feedback'] or '').replace('|', '/').split())} |")
     (out / "photos.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return rows
 

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoProcessor
 
     from bench.bench_scorer import make_requests
+    from vlm_judge import chat
     from vlm_judge.images import load_image
     from vlm_judge.prompts import render
 
@@ -58,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     reqs = make_requests(tmp, args.groups, args.per_group)
     inputs = []
     for r in reqs:
-        p = render(r, "prefix")
-        msgs = [{"role": "system", "content": [{"type": "text", "text": p.system}]},
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.user}]}]
-        text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + p.assistant_prefix
+        # the layout the scorer's backends use, so vLLM is given the same text as ours
+        text = chat.apply(proc, render(r, "prefix"))
         inputs.append({"prompt": text, "multi_modal_data": {"image": [load_image(r.images[0])]}})
     llm = LLM(model=str(folder), load_format="dummy", enable_prefix_caching=True, max_model_len=4096,
               limit_mm_per_prompt={"image": 1}, **({"dtype": "float32"} if args.smoke else {}))

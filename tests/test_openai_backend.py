@@ -346,3 +346,49 @@ def test_many_rows_through_flaky_replicas_keep_their_order(served):
     want = MockBackend("mock").generate(prompts, P)
     assert [g.text for g in gens] == [w.text for w in want]
     assert any(g.extra["attempts"] > 1 for g in gens)
+
+
+# ---- each image encoded once ------------------------------------------------------------------
+
+
+def test_each_image_is_read_and_encoded_once_across_calls(served, sample_images, tmp_path):
+    mock = MockBackend("mock")
+    h = served(mock)
+    jpeg = _jpeg_bytes(sample_images["rocket"])
+    inline = ImageRef(data=jpeg)  # the data builder passes one such ref per image for all its calls
+    png = tmp_path / "chelsea.png"
+    png.write_bytes(sample_images["chelsea"].read_bytes())
+    be = client(h.base_url)
+    prompts = [Prompt(user=f"inline {i}", images=(inline,)) for i in range(9)]
+    prompts += [Prompt(user=f"file {i}", images=(ImageRef(path=str(png)),)) for i in range(9)]
+    assert all(g.error is None for g in be.generate(prompts, P))
+    by_text = {c.user: c for c in mock.calls}
+    assert all(by_text[f"inline {i}"].images[0].data == jpeg for i in range(9))
+    assert all(by_text[f"file {i}"].images[0].data == png.read_bytes() for i in range(9))
+    assert be.image_urls_made == 2
+
+
+def test_a_replaced_image_file_is_sent_anew(served, sample_images, tmp_path):
+    mock = MockBackend("mock")
+    h = served(mock)
+    f = tmp_path / "photo.png"
+    f.write_bytes(sample_images["chelsea"].read_bytes())
+    be = client(h.base_url)
+    be.generate([Prompt(user="before", images=(ImageRef(path=str(f)),))], P)
+    f.write_bytes(sample_images["coffee"].read_bytes())
+    be.generate([Prompt(user="after", images=(ImageRef(path=str(f)),))], P)
+    by_text = {c.user: c for c in mock.calls}
+    assert by_text["before"].images[0].data == sample_images["chelsea"].read_bytes()
+    assert by_text["after"].images[0].data == sample_images["coffee"].read_bytes()
+
+
+def test_prompt_text_cannot_be_mistaken_for_an_image_slot(served, sample_images):
+    mock = MockBackend("mock")
+    h = served(mock)
+    tricky = 'nul \x00 "quotes" \\ back\\slash \u2028 and {"type": "image_url"}'
+    img = ImageRef(path=str(sample_images["astronaut"]))
+    [g] = client(h.base_url).generate([Prompt(user=tricky, system=tricky, images=(img, img))], P)
+    assert g.error is None
+    [call] = mock.calls
+    assert call.user == tricky and call.system == tricky
+    assert [im.data for im in call.images] == [sample_images["astronaut"].read_bytes()] * 2

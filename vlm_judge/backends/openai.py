@@ -13,7 +13,11 @@ a bare HTTP call, because judging runs tens of thousands of requests against ser
   and failover: an endpoint that fails is benched for a while and its requests go elsewhere;
 - a failed prompt becomes `Generation(text=None, error=...)`; one bad prompt never raises.
 
-Images travel as base64 data URLs (never fetched from the web unless `allow_image_urls`).
+Images travel as base64 data URLs (never fetched from the web unless `allow_image_urls`). Each
+image's URL is made once and kept (bounded by `image_url_cache_bytes`, default 256 MiB, least
+recently used forgotten) and spliced into each request body as bytes, so a run that sends one image
+many times (five responses per image, nine data-builder calls per image) reads, encodes and JSON-
+escapes it once; a file is checked by size and mtime on each use, so a replaced file is sent anew.
 `Prompt.assistant_prefix` is sent as a final assistant message with vLLM's
 `continue_final_message` (see `prefix_mode`); the returned text is the continuation only.
 """
@@ -27,6 +31,7 @@ import math
 import mimetypes
 import os
 import random
+import secrets
 import threading
 import time
 import urllib.parse
@@ -37,6 +42,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 from vlm_judge.backends.base import Generation, GenerationParams, Prompt
+from vlm_judge.images import ByteCache
 from vlm_judge.options import ConfigError
 from vlm_judge.records import ImageRef
 from vlm_judge.redact import redact_url
@@ -78,6 +84,43 @@ def image_data_url(ref: ImageRef, allow_urls: bool = False) -> str:
         with open(ref.path, "rb") as f:  # type: ignore[arg-type]
             data = f.read()
     return f"data:{image_mime(data, ref.path)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+class _DataURLs:
+    """Each image's data URL, made once and kept as ASCII bytes (a base64 data URL needs no JSON
+    escaping, so it is spliced into the request body as it is).
+
+    An inline image is known by its bytes object (the cache entry holds it, so its id cannot be
+    reused while the entry lives); a file by its path, size and mtime. Bounded: `budget_bytes` of
+    URLs and the inline bytes they hold, least recently used forgotten."""
+
+    def __init__(self, budget_bytes: int, allow_urls: bool) -> None:
+        self.cache = ByteCache(budget_bytes)
+        self.allow_urls = allow_urls
+        self.made = 0
+        """URLs made so far (a run that sends each image many times makes one per image)."""
+        self._lock = threading.Lock()
+
+    def get(self, ref: ImageRef) -> bytes:
+        if ref.data is not None:
+            key: tuple = ("data", id(ref.data), len(ref.data))
+            hit = self.cache.get(key)
+            if hit is not None and hit[0] is ref.data:
+                return hit[1]
+        elif ref.path is not None and not ref.path.startswith(("http://", "https://")):
+            st = os.stat(ref.path)
+            key = ("path", ref.path, st.st_size, st.st_mtime_ns)
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit[1]
+        else:
+            # a web URL: sent as given (it may need JSON escaping, so it is not spliced)
+            return image_data_url(ref, self.allow_urls).encode()
+        url = image_data_url(ref, self.allow_urls).encode("ascii")
+        with self._lock:
+            self.made += 1
+        self.cache.put(key, (ref.data, url), len(url) + len(ref.data or b""))
+        return url
 
 
 class _Retryable(Exception):
@@ -147,6 +190,7 @@ class OpenAIBackend:
     "message" adds the assistant message only (servers that continue a trailing assistant turn on
     their own, e.g. Anthropic-style); "refuse" fails such prompts (hosted APIs that reject both).
     `extra_body` is merged into every request (e.g. {"top_k": 1} or vLLM's guided decoding).
+    `image_url_cache_bytes`: budget of the kept image data URLs (see the module docstring).
     `check`: ask each endpoint for GET /models once, now, and raise ConfigError when none answers
     or one refuses the API key (False: a server that is started later, or tests of the retries).
     """
@@ -166,6 +210,7 @@ class OpenAIBackend:
         allow_image_urls: bool = False,
         prefix_mode: Literal["continue", "message", "refuse"] = "continue",
         extra_body: dict[str, Any] | None = None,
+        image_url_cache_bytes: int = 256 << 20,
         check: bool = True,
         **_: Any,
     ) -> None:
@@ -193,6 +238,10 @@ class OpenAIBackend:
         self.allow_image_urls = allow_image_urls
         self.prefix_mode = prefix_mode
         self.extra_body = dict(extra_body or {})
+        self._urls = _DataURLs(image_url_cache_bytes, allow_image_urls)
+        # where an image's URL goes in the dumped JSON: a string no prompt text can equal by chance
+        self._slot = f"\x00image-{secrets.token_hex(8)}\x00"
+        self._slot_json = json.dumps(self._slot).encode()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()  # per-thread keep-alive connections, one per endpoint
@@ -244,7 +293,7 @@ class OpenAIBackend:
         body_extra = {"logprobs": True, "top_logprobs": 20}
         pool = self._executor()
         futures = [
-            pool.submit(self._request_with_retries, self._body(Prompt(
+            pool.submit(self._request_with_retries, self._payload(Prompt(
                 user=p.user, system=p.system, images=p.images, assistant_prefix=p.assistant_prefix + c,
             ), params, body_extra))
             for p, c in zip(prompts, continuations)
@@ -281,14 +330,30 @@ class OpenAIBackend:
                 self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="vlm-judge-openai")
             return self._pool
 
+    @property
+    def image_urls_made(self) -> int:
+        """Image data URLs made so far (one per distinct image while the cache holds it)."""
+        return self._urls.made
+
+    def _payload(self, prompt: Prompt, params: GenerationParams, extra: dict[str, Any] | None = None) -> bytes:
+        """The request body as JSON bytes, each image's kept data URL spliced in where its slot is."""
+        urls = [self._urls.get(im) for im in prompt.images]
+        raw = json.dumps(self._body(prompt, params, extra)).encode()
+        if not urls:
+            return raw
+        pieces = raw.split(self._slot_json)
+        if len(pieces) != len(urls) + 1:  # extra_body named a slot: cannot happen by chance
+            raise _Fatal("could not place the images in the request body")
+        out = [pieces[0]]
+        for url, piece in zip(urls, pieces[1:]):
+            out += [json.dumps(url.decode()).encode() if url.startswith((b"http://", b"https://")) else b'"' + url + b'"', piece]
+        return b"".join(out)
+
     def _body(self, prompt: Prompt, params: GenerationParams, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         messages: list[dict[str, Any]] = []
         if prompt.system:
             messages.append({"role": "system", "content": prompt.system})
-        parts: list[dict[str, Any]] = [
-            {"type": "image_url", "image_url": {"url": image_data_url(im, self.allow_image_urls)}}
-            for im in prompt.images
-        ]
+        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": self._slot}} for _ in prompt.images]
         parts.append({"type": "text", "text": prompt.user})
         # a text-only prompt goes as a plain string: some servers (and text models) want that
         messages.append({"role": "user", "content": parts if prompt.images else prompt.user})
@@ -318,10 +383,10 @@ class OpenAIBackend:
 
     def _one(self, prompt: Prompt, params: GenerationParams) -> Generation:
         try:
-            body = self._body(prompt, params)
+            payload = self._payload(prompt, params)
         except (OSError, ValueError, _Fatal) as e:  # unreadable image file, refused URL, ...
             return Generation(text=None, error=f"request not sent: {e}", extra={"client_error": True})
-        resp, attempts, endpoint = self._request_with_retries(body)
+        resp, attempts, endpoint = self._request_with_retries(payload)
         extra: dict[str, Any] = {"attempts": attempts, "endpoint": endpoint}
         if isinstance(resp, Exception):
             # already retried here as far as it makes sense: sending it again cannot help
@@ -380,9 +445,8 @@ class OpenAIBackend:
                 bench = max(bench, error.retry_after)
             ep.benched_until = max(ep.benched_until, time.monotonic() + bench)
 
-    def _request_with_retries(self, body: dict[str, Any]) -> tuple[dict | Exception, int, str]:
+    def _request_with_retries(self, payload: bytes) -> tuple[dict | Exception, int, str]:
         """(parsed response or the final error, attempts made, last endpoint URL)."""
-        payload = json.dumps(body).encode()
         last = _Retryable("error", "no attempt made")
         ep_url = ""
         for attempt in range(self.max_retries + 1):

@@ -135,3 +135,34 @@ def test_prefetched_images_give_the_same_judgments(tiny_llava_dir, sample_images
     with_prefetch._prefetcher.shutdown(wait=True)
     good = {r.images[0].key for r in reqs if r.id != "bad"}
     assert good & set(seen) <= set(with_prefetch._image_cache)
+
+
+@pytest.mark.parametrize("kind", ["vision", "text"])
+def test_static_kv_cache_gives_the_same_tokens_as_the_growing_one(kind, tiny_llava_dir, tiny_text_lm_dir, sample_images):
+    """Past one growth of the preallocated cache (KV_CHUNK tokens), with prefix reuse, mixed
+    lengths, budgets per row, stop strings and seeded sampling: the same text as transformers'
+    cache that grows per token."""
+    from vlm_judge.backends.hf import KV_CHUNK
+
+    model = str(tiny_llava_dir if kind == "vision" else tiny_text_lm_dir)
+    static, dynamic = (get_backend("hf", model=model, kv_cache=k, min_new_tokens=KV_CHUNK + 10) for k in ("static", "dynamic"))
+    prompts = [render(r, "prefix") for r in _requests(sample_images if kind == "vision" else None)]
+    budgets = [KV_CHUNK + 20 if i % 3 else 7 for i in range(len(prompts))]
+    for params in (GenerationParams(max_new_tokens=KV_CHUNK + 20),
+                   GenerationParams(max_new_tokens=KV_CHUNK + 20, temperature=0.9, seed=3, stop=("ab",))):
+        a = static.generate_rows(prompts, params, budgets=budgets)
+        b = dynamic.generate_rows(prompts, params, budgets=budgets)
+        assert [g.error for g in a] == [None] * len(prompts)
+        assert [(g.text, g.completion_tokens) for g in a] == [(g.text, g.completion_tokens) for g in b]
+    assert max(g.completion_tokens for g in a) > KV_CHUNK  # the cache really grew
+
+
+def test_static_kv_cache_is_used_and_a_bad_choice_is_refused(tiny_text_lm_dir):
+    be = get_backend("hf", model=str(tiny_text_lm_dir))
+    import torch
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = be.model(input_ids=ids, use_cache=True)
+    assert be._static_cache(out.past_key_values, 4, 8) is not None
+    with pytest.raises(ValueError, match="kv_cache"):
+        get_backend("hf", model=str(tiny_text_lm_dir), kv_cache="paged")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from perception_collection.config import BuildConfig, ConfigError
+from vlm_judge import options
 from vlm_judge.options import output_problem
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -27,20 +28,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def shipped_recipes() -> dict[str, Path]:
-    """Name -> path of the recipes that ship with the package."""
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+    """Name -> path of the data-builder recipes that ship with the package."""
+    return options.shipped_recipes(RECIPES_DIR)
 
 
 def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe file path, or a shipped recipe's name (with or without .yaml)."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    shipped = shipped_recipes()
-    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
-    if stem in shipped and len(p.parts) == 1:
-        return shipped[stem]
-    raise ConfigError(f"recipe not found: {name_or_path} (shipped recipes: {', '.join(shipped) or 'none'})")
+    """A recipe file, or the name of a shipped recipe (vlm_judge.options.resolve_recipe)."""
+    return options.resolve_recipe(name_or_path, RECIPES_DIR)
 
 
 def describe_recipe(path: Path) -> str:

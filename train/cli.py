@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from train.config import TrainConfig
+from vlm_judge import options
 from vlm_judge.options import ConfigError
 from vlm_judge.options import parse_overrides as _parse_overrides
 
@@ -35,19 +36,12 @@ Multi-GPU: accelerate launch --config_file train/recipes/accelerate/ddp.yaml -m 
 
 def shipped_recipes() -> dict[str, Path]:
     """Name -> path of the training recipes that ship with the package."""
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+    return options.shipped_recipes(RECIPES_DIR)
 
 
 def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe file, or a shipped recipe's name (with or without .yaml)."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
-    shipped = shipped_recipes()
-    if len(p.parts) == 1 and stem in shipped:
-        return shipped[stem]
-    raise ConfigError(f"recipe not found: {name_or_path} (shipped recipes: {', '.join(shipped) or 'none'})")
+    """A recipe file, or the name of a shipped recipe (vlm_judge.options.resolve_recipe)."""
+    return options.resolve_recipe(name_or_path, RECIPES_DIR)
 
 
 def field_docs() -> dict[str, str]:

@@ -117,6 +117,24 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def shipped_recipes(folder: Path) -> dict[str, Path]:
+    """Name -> path of the recipes shipped in `folder` (each command keeps its own folder)."""
+    return {p.stem: p for p in sorted(Path(folder).glob("*.yaml"))}
+
+
+def resolve_recipe(name_or_path: str, folder: Path) -> Path:
+    """A recipe file, or the name of a recipe shipped in `folder` (with or without .yaml); a
+    name with a folder part is always a path."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    shipped = shipped_recipes(folder)
+    if len(p.parts) == 1 and stem in shipped:
+        return shipped[stem]
+    raise ConfigError(f"recipe not found: {name_or_path} (shipped recipes: {', '.join(shipped) or 'none'})")
+
+
 def recipe_path(value: str, recipe_dir: str | Path, model_name: bool = False) -> str:
     """The one rule for a path written in a recipe: relative to the recipe file's folder, so a
     recipe means the same thing from any working directory (flags on the command line stay

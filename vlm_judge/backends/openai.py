@@ -101,26 +101,25 @@ class _DataURLs:
         """URLs made so far (a run that sends each image many times makes one per image)."""
         self._lock = threading.Lock()
 
-    def get(self, ref: ImageRef) -> bytes:
+    def get(self, ref: ImageRef) -> bytes | str:
+        """The image's data URL as ASCII bytes, or a web URL as text (sent as given)."""
+        if ref.path is not None and ref.path.startswith(("http://", "https://")):
+            # a web URL, as text: it may need JSON escaping, so it goes through json.dumps
+            return image_data_url(ref, self.allow_urls)
         if ref.data is not None:
             key: tuple = ("data", id(ref.data), len(ref.data))
-            hit = self.cache.get(key)
-            if hit is not None and hit[0] is ref.data:
-                return hit[1]
-        elif ref.path is not None and not ref.path.startswith(("http://", "https://")):
-            st = os.stat(ref.path)
-            key = ("path", ref.path, st.st_size, st.st_mtime_ns)
-            hit = self.cache.get(key)
-            if hit is not None:
-                return hit[1]
         else:
-            # a web URL: sent as given (it may need JSON escaping, so it is not spliced)
-            return image_data_url(ref, self.allow_urls).encode()
-        url = image_data_url(ref, self.allow_urls).encode("ascii")
+            st = os.stat(ref.path)  # type: ignore[arg-type]
+            key = ("path", ref.path, st.st_size, st.st_mtime_ns)
+        # one lock around the making too: calls that start together on one image make it once
         with self._lock:
+            hit = self.cache.get(key)
+            if hit is not None and (ref.data is None or hit[0] is ref.data):
+                return hit[1]
+            url = image_data_url(ref, self.allow_urls).encode("ascii")
             self.made += 1
-        self.cache.put(key, (ref.data, url), len(url) + len(ref.data or b""))
-        return url
+            self.cache.put(key, (ref.data, url), len(url) + len(ref.data or b""))
+            return url
 
 
 class _Retryable(Exception):
@@ -338,22 +337,26 @@ class OpenAIBackend:
     def _payload(self, prompt: Prompt, params: GenerationParams, extra: dict[str, Any] | None = None) -> bytes:
         """The request body as JSON bytes, each image's kept data URL spliced in where its slot is."""
         urls = [self._urls.get(im) for im in prompt.images]
-        raw = json.dumps(self._body(prompt, params, extra)).encode()
-        if not urls:
+        raw = json.dumps(self._body(prompt, params, urls, extra)).encode()
+        spliced = [u for u in urls if isinstance(u, bytes)]
+        if not spliced:
             return raw
         pieces = raw.split(self._slot_json)
-        if len(pieces) != len(urls) + 1:  # extra_body named a slot: cannot happen by chance
+        if len(pieces) != len(spliced) + 1:  # extra_body named a slot: cannot happen by chance
             raise _Fatal("could not place the images in the request body")
         out = [pieces[0]]
-        for url, piece in zip(urls, pieces[1:]):
-            out += [json.dumps(url.decode()).encode() if url.startswith((b"http://", b"https://")) else b'"' + url + b'"', piece]
+        for url, piece in zip(spliced, pieces[1:]):
+            out += [b'"', url, b'"', piece]
         return b"".join(out)
 
-    def _body(self, prompt: Prompt, params: GenerationParams, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _body(self, prompt: Prompt, params: GenerationParams, urls: Sequence[bytes | str],
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The request as a mapping; a data URL (bytes) stands as the slot string `_payload` fills."""
         messages: list[dict[str, Any]] = []
         if prompt.system:
             messages.append({"role": "system", "content": prompt.system})
-        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": self._slot}} for _ in prompt.images]
+        parts: list[dict[str, Any]] = [
+            {"type": "image_url", "image_url": {"url": u if isinstance(u, str) else self._slot}} for u in urls]
         parts.append({"type": "text", "text": prompt.user})
         # a text-only prompt goes as a plain string: some servers (and text models) want that
         messages.append({"role": "user", "content": parts if prompt.images else prompt.user})

@@ -106,19 +106,26 @@ class Suspender:
         ids = {p.pid for p in server_tree}
         return {"server": server_tree, "in-process engine": [c for c in me.children(recursive=True) if c.pid not in ids]}
 
+    def _each(self, procs: list, action: str) -> None:
+        for p in procs:
+            try:
+                getattr(p, action)()
+            except self.psutil.NoSuchProcess:
+                pass
+
     def only(self, keep: str | None) -> None:
+        """Resume the processes of `keep` (None: no engine's), suspend the others."""
         for name, procs in self.trees().items():
-            for p in procs:
-                try:
-                    p.resume() if name == keep else p.suspend()
-                except self.psutil.NoSuchProcess:
-                    pass
+            self._each(procs, "resume" if name == keep else "suspend")
+
+    def resume_all(self) -> None:
+        for procs in self.trees().values():
+            self._each(procs, "resume")
 
     def idle_cpu(self, seconds: float = 3.0) -> dict[str, float]:
         """Cores each engine's processes keep busy while idle (all resumed, none working)."""
+        self.resume_all()
         trees = self.trees()
-        for p in (p for ps in trees.values() for p in ps):
-            p.resume()
         trees["this process"] = [self.psutil.Process()]
         start = {n: sum(sum(p.cpu_times()[:2]) for p in ps) for n, ps in trees.items()}
         time.sleep(seconds)
@@ -151,13 +158,6 @@ class VLLMServer:
         raise TimeoutError(f"vLLM server not ready after {timeout}s; see {self.log.name}")
 
     def stop(self) -> None:
-        import psutil
-
-        for p in [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]:
-            try:
-                p.resume()  # a suspended server would not see the signal
-            except psutil.NoSuchProcess:
-                pass
         self.proc.terminate()
         try:
             self.proc.wait(30)
@@ -208,6 +208,7 @@ def engines(model: Path, server: VLLMServer, new: int, rows: int, template: str)
 
 def run_workload(name: str, model: Path, reqs: list, new: int, repeats: int, work: Path, template: str) -> dict:
     server = VLLMServer(model, free_port(), work / f"vllm_server_{name}.log")
+    pause = None
     try:
         server.wait()
         fns = engines(model, server, new, len(reqs), template)
@@ -226,8 +227,9 @@ def run_workload(name: str, model: Path, reqs: list, new: int, repeats: int, wor
                 outputs[k] = fn(reqs)
                 times[k].append(time.perf_counter() - t)
                 print(f"{name} repeat {rep + 1}: {k} {len(reqs) / times[k][-1]:.3f} judgments/s", flush=True)
-        pause.only("in-process engine")
     finally:
+        if pause is not None:
+            pause.resume_all()  # a suspended process would not see the signal to stop
         server.stop()
     rate = {k: len(reqs) / statistics.median(v) for k, v in times.items()}
     ceiling = rate["(iv) vLLM LLM.generate"]

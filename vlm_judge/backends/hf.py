@@ -569,10 +569,11 @@ class HFBackend:
             gen.manual_seed(params.seed if params.seed is not None else torch.seed())
         ones = torch.ones((B, 1), dtype=mask.dtype, device=self.device)
         width = mask.shape[1]  # the slot of step t's input token is width + t
-        static = self._static_cache(cache, width, min(KV_CHUNK, T)) if T > 1 else None
+        room = min(KV_CHUNK, T)
+        static = self._static_cache(cache, width, room) if T > 1 else None
         if static is not None:
             cache = static
-            mask = torch.cat([mask, mask.new_zeros((B, min(KV_CHUNK, T)))], dim=1)
+            mask = torch.cat([mask, mask.new_zeros((B, room))], dim=1)
         for t in range(T):
             scores = logits.float()
             if t < self.min_new_tokens and self.eos_ids:
